@@ -1,0 +1,133 @@
+"""Autograd layer: each Function only calls launchers, from `lgsae.kernels` or `lgsae.reference`.
+
+The choice is made per call from the tensors (DESIGN §3): the Triton launcher when the tensor is on
+CUDA, triton imports, the kernel module provides that launcher and `LGSAE_DISABLE_TRITON` is not
+set; otherwise the pure-torch twin, which is also the CPU engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from lgsae import reference
+from lgsae.reference import EncodeOut
+
+# launcher name -> module under lgsae.kernels that holds it (DESIGN §3: one file per op)
+_KERNEL_MODULES = {
+    "topk_encode": "topk_encode",
+    "topk_encode_backward": "topk_encode",
+    "sparse_decode": "sparse_decode",
+    "sparse_decode_backward": "sparse_decode",
+    "project_decoder_grad_": "decoder_norm",
+    "renorm_decoder_": "decoder_norm",
+}
+
+
+@lru_cache(maxsize=None)
+def _kernel_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"lgsae.kernels.{name}")
+    except ImportError:  # triton missing, or that kernel not shipped in this version
+        return None
+
+
+def triton_disabled() -> bool:
+    return os.environ.get("LGSAE_DISABLE_TRITON", "0") not in ("", "0", "false", "False")
+
+
+def impl(op: str, t: Tensor):
+    """The function that runs `op` for tensors like `t`: a Triton launcher or its reference twin."""
+    if t.is_cuda and not triton_disabled():
+        mod = _kernel_module(_KERNEL_MODULES[op])
+        if mod is not None and hasattr(mod, op):
+            return getattr(mod, op)
+    return getattr(reference, op)
+
+
+class TopKEncode(torch.autograd.Function):
+    """top-k encode whose backward touches only the chosen entries (top-K and AuxK's)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
+        out = impl("topk_encode", x)(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+        ctx.mark_non_differentiable(out.top_indices, out.aux_indices)
+        ctx.save_for_backward(x, W_enc, b_dec, *out)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
+        x, W_enc, b_dec, top_acts, top_idx, aux_acts, aux_idx = ctx.saved_tensors
+        need_x, need_W, need_benc, need_bdec = ctx.needs_input_grad[:4]
+        grads, idx = [], []
+        for g, acts, i in ((g_top, top_acts, top_idx), (g_aux, aux_acts, aux_idx)):
+            if g is not None and i.shape[1] > 0:
+                grads.append(g * (acts > 0))  # ReLU's gradient, at the chosen entries only
+                idx.append(i)
+        if not grads:
+            return None, None, None, None, None, None, None
+        g, i = (grads[0], idx[0]) if len(grads) == 1 else (torch.cat(grads, 1), torch.cat(idx, 1))
+        dxc, dW, db = impl("topk_encode_backward", x)(x - b_dec, W_enc, i, g, need_x)
+        if need_bdec:
+            # x − b_dec: d b_dec = −Σ_n dxc[n] = −db_enc·W_enc, an O(M·D) product instead of O(N·K·D)
+            d_bdec = -dxc.sum(0) if dxc is not None else -(db @ W_enc)
+        return (
+            dxc if need_x else None,
+            dW if need_W else None,
+            db if need_benc else None,
+            d_bdec.to(b_dec.dtype) if need_bdec else None,
+            None,
+            None,
+            None,
+        )
+
+
+class SparseDecode(torch.autograd.Function):
+    """Σ_j acts[n,j]·W_dec[indices[n,j]] with a gather/segment-sum backward."""
+
+    @staticmethod
+    def forward(ctx, indices, acts, W_dec):
+        ctx.save_for_backward(indices, acts, W_dec)
+        return impl("sparse_decode", W_dec)(indices, acts, W_dec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        indices, acts, W_dec = ctx.saved_tensors
+        _, need_acts, need_W = ctx.needs_input_grad
+        d_acts, dW = impl("sparse_decode_backward", W_dec)(
+            grad_out.contiguous(), indices, acts, W_dec, need_acts, need_W
+        )
+        return None, d_acts, dW
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> EncodeOut:
+    """Differentiable `reference.topk_encode` (see there for shapes and semantics)."""
+    return EncodeOut(*TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux))
+
+
+def sparse_decode(indices: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
+    """Differentiable `reference.sparse_decode`: [N,K] indices and acts, [M,D] W_dec -> [N,D]."""
+    return SparseDecode.apply(indices, acts, W_dec)
+
+
+def project_decoder_grad_(W_dec: Tensor, grad: Tensor) -> Tensor:
+    """Remove from each decoder row's gradient its component along the row (in place)."""
+    return impl("project_decoder_grad_", W_dec)(W_dec, grad)
+
+
+def renorm_decoder_(W_dec: Tensor) -> Tensor:
+    """Scale every decoder row to unit norm (in place)."""
+    return impl("renorm_decoder_", W_dec)(W_dec)

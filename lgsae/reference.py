@@ -1,0 +1,206 @@
+"""Pure-torch twins of the Triton launchers in `lgsae.kernels`.
+
+One definition, three uses: the test oracle for the kernels, the CPU engine, and the benchmark
+baseline. Shape letters everywhere: N tokens, D model width, M latents, K active latents per token.
+
+Every function here is sparse in the sense of DESIGN §4: the only O(N·D·M) work is the encoder GEMM
+in `topk_encode`; everything else is O(N·K·D) or O(M·D). Reductions over (token, slot) pairs are
+done as sparse-matrix products (CSR × dense, and sampled dense × dense), which torch runs on MKL or
+cuSPARSE; half-precision inputs are reduced in fp32 and cast at the end.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# torch warns once per process that CSR support is "beta"; the two ops used here are long stable.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+class EncodeOut(NamedTuple):
+    top_acts: Tensor  # [N, K] post-ReLU activations of the chosen latents
+    top_indices: Tensor  # [N, K] int64 latent ids
+    aux_acts: Tensor  # [N, K_aux] post-ReLU activations of the top dead latents (K_aux may be 0)
+    aux_indices: Tensor  # [N, K_aux] int64
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64 (gradient checks); everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> EncodeOut:
+    """topk_encode(x[N,D], W_enc[M,D], b_enc[M], b_dec[D], k) -> EncodeOut.
+
+    Equals `ReLU((x - b_dec) @ W_enc.T + b_enc).topk(k)` (values and indices, unsorted). With a
+    `dead_mask[M]` (bool) and `k_aux > 0`, also the top-min(k_aux, #dead) latents among the dead
+    ones, for the AuxK loss. ReLU commutes with top-k (it is monotone), so it is applied to the K
+    chosen values only, never to the N×M pre-activations.
+    """
+    N, D = x.shape
+    M = W_enc.shape[0]
+    if not 1 <= k <= M:
+        raise ValueError(f"k must be in [1, {M}] (the number of latents), got {k}")
+    pre = torch.addmm(b_enc, x - b_dec, W_enc.t())  # [N, M]: the one dense GEMM of a step
+    top_vals, top_idx = pre.topk(k, dim=1, sorted=False)
+    aux_acts = x.new_empty(N, 0)
+    aux_idx = top_idx.new_empty(N, 0)
+    if dead_mask is not None and k_aux > 0:
+        dead = dead_mask.nonzero().squeeze(1)
+        kk = min(k_aux, dead.numel())
+        if kk > 0:
+            # Gather only the dead columns: cheaper than masking all N×M entries when few are dead.
+            vals, j = pre.index_select(1, dead).topk(kk, dim=1, sorted=False)
+            aux_acts, aux_idx = vals.relu_(), dead[j]
+    return EncodeOut(top_vals.relu_(), top_idx, aux_acts, aux_idx)
+
+
+def _pairs_by_latent(indices: Tensor, weights: Tensor, M: int, acc: torch.dtype) -> Tensor:
+    """The [M, N] CSR matrix S with S[indices[n, j], n] += weights[n, j] (duplicates add up)."""
+    N, J = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(M + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(torch.bincount(flat, minlength=M), 0, out=crow[1:])
+    cols = torch.div(order, J, rounding_mode="floor")  # the token each sorted pair came from
+    vals = weights.reshape(-1).to(acc)[order]
+    return torch.sparse_csr_tensor(crow, cols, vals, (M, N), check_invariants=False)
+
+
+def scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, M: int) -> Tensor:
+    """out[M, D] with out[m] = Σ_{(n,j): indices[n,j]=m} weights[n,j]·rows[n], in the accumulation
+    dtype. The per-latent segment reduction behind dW_enc and dW_dec."""
+    acc = _acc_dtype(rows.dtype)
+    if indices.numel() == 0:
+        return rows.new_zeros(M, rows.shape[1], dtype=acc)
+    return _pairs_by_latent(indices, weights, M, acc) @ rows.to(acc)
+
+
+def gather_dot(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
+    """out[N, J] with out[n, j] = ⟨rows[n], table[indices[n, j]]⟩ (a sampled dense-dense product)."""
+    N, J = indices.shape
+    acc = _acc_dtype(rows.dtype)
+    if indices.numel() == 0:
+        return rows.new_zeros(N, J, dtype=acc)
+    crow = torch.arange(0, N * J + 1, J, device=indices.device)
+    pattern = torch.sparse_csr_tensor(
+        crow, indices.reshape(-1), rows.new_zeros(N * J, dtype=acc), (N, table.shape[0]),
+        check_invariants=False,
+    )
+    out = torch.sparse.sampled_addmm(pattern, rows.to(acc), table.to(acc).t(), beta=0.0)
+    return out.values().view(N, J)
+
+
+def topk_encode_backward(
+    xc: Tensor, W_enc: Tensor, indices: Tensor, grad_pre: Tensor, need_x_grad: bool = False
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Gradients of the encoder given the gradient at the chosen pre-activations.
+
+    xc[N,D] = x − b_dec, indices[N,J], grad_pre[N,J] (already zero where ReLU was inactive).
+    Returns (dxc[N,D] or None, dW_enc[M,D], db_enc[M]) in the parameters' dtype; equals autograd of
+    `pre = xc @ W_enc.T + b_enc` with d(pre) scattered from grad_pre, without forming d(pre).
+    """
+    M = W_enc.shape[0]
+    acc = _acc_dtype(W_enc.dtype)
+    dW = scatter_rows(indices, grad_pre, xc, M).to(W_enc.dtype)
+    db = torch.bincount(indices.reshape(-1), grad_pre.reshape(-1).to(acc), minlength=M)
+    dxc = None
+    if need_x_grad:
+        dxc = sparse_decode(indices, grad_pre.to(W_enc.dtype), W_enc).to(xc.dtype)
+    return dxc, dW, db.to(W_enc.dtype)
+
+
+def sparse_decode(indices: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
+    """sparse_decode(indices[N,K], acts[N,K], W_dec[M,D]) -> [N,D] (no bias).
+
+    Equals `F.embedding_bag(indices, W_dec, per_sample_weights=acts, mode='sum')`, i.e.
+    Σ_j acts[n,j]·W_dec[indices[n,j]].
+    """
+    N, K = indices.shape
+    if K == 0:
+        return W_dec.new_zeros(N, W_dec.shape[1])
+    return F.embedding_bag(indices, W_dec, per_sample_weights=acts.to(W_dec.dtype), mode="sum")
+
+
+def sparse_decode_backward(
+    grad_out: Tensor,
+    indices: Tensor,
+    acts: Tensor,
+    W_dec: Tensor,
+    need_acts_grad: bool = True,
+    need_W_grad: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(d_acts[N,K], dW_dec[M,D]) for `sparse_decode`: d_acts[n,j] = ⟨g[n], W_dec[i_nj]⟩ and
+    dW_dec[m] = Σ_{(n,j): i_nj=m} acts[n,j]·g[n]."""
+    d_acts = gather_dot(indices, grad_out, W_dec).to(acts.dtype) if need_acts_grad else None
+    dW = None
+    if need_W_grad:
+        dW = scatter_rows(indices, acts, grad_out, W_dec.shape[0]).to(W_dec.dtype)
+    return d_acts, dW
+
+
+@torch.no_grad()
+def project_decoder_grad_(W_dec: Tensor, grad: Tensor) -> Tensor:
+    """In place: grad[m] −= ⟨grad[m], W_dec[m]⟩·W_dec[m] (rows of W_dec have unit norm), so a step
+    does not change row norms to first order. Returns grad."""
+    par = torch.einsum("md,md->m", grad.to(_acc_dtype(grad.dtype)), W_dec.to(_acc_dtype(grad.dtype)))
+    grad.addcmul_(par.to(grad.dtype).unsqueeze(1), W_dec, value=-1)
+    return grad
+
+
+@torch.no_grad()
+def renorm_decoder_(W_dec: Tensor) -> Tensor:
+    """In place: every row of W_dec scaled to unit L2 norm. Returns W_dec."""
+    norm = torch.linalg.vector_norm(W_dec, dim=1, keepdim=True, dtype=_acc_dtype(W_dec.dtype))
+    W_dec.div_(norm.clamp_min(torch.finfo(norm.dtype).tiny).to(W_dec.dtype))
+    return W_dec
+
+
+class DenseOut(NamedTuple):
+    recon: Tensor  # [N, D] in the input's space (scaled, if the caller scaled)
+    fvu: Tensor
+    auxk_loss: Tensor
+
+
+def dense_sae_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> DenseOut:
+    """The same TopK SAE written densely, differentiated by plain autograd: N×M latents, a dense
+    decoder GEMM. The oracle for the sparse path's gradients and the `dense` benchmark provider."""
+    pre = torch.relu((x - b_dec) @ W_enc.t() + b_enc)
+    vals, idx = pre.topk(k, dim=1, sorted=False)
+    z = torch.zeros_like(pre).scatter(1, idx, vals)
+    recon = z @ W_dec + b_dec
+    acc = _acc_dtype(x.dtype)
+    x32, resid = x.to(acc), (x - recon).to(acc)
+    total_var = (x32 - x32.mean(0)).pow(2).sum()
+    fvu = resid.pow(2).sum() / total_var
+    auxk = fvu.new_zeros(())
+    num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+    if k_aux > 0 and num_dead > 0:
+        kk = min(k_aux, num_dead)
+        masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
+        a_vals, a_idx = masked.topk(kk, dim=1, sorted=False)
+        e_hat = torch.zeros_like(pre).scatter(1, a_idx, a_vals) @ W_dec
+        auxk = min(num_dead / k_aux, 1.0) * (e_hat.to(acc) - resid.detach()).pow(2).sum() / total_var
+    return DenseOut(recon, fvu, auxk)

@@ -1,0 +1,284 @@
+"""`GroupSAE`: one TopK sparse autoencoder serving one or more layers of a model (DESIGN §1).
+
+Each served layer has an input scale (the factor that brings its activations to unit mean norm):
+`forward` multiplies raw activations by it on the way in and divides the reconstruction by it on the
+way out, so callers always pass and receive raw activations. Latent activations, FVU and AuxK live in
+the scaled space, where every layer of a group looks alike.
+
+On disk a GroupSAE is sparsify's layout (`cfg.json` + `sae.safetensors` holding `encoder.weight`,
+`encoder.bias`, `W_dec`, `b_dec`), with the group fields as extra cfg keys that sparsify ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lgsae import ops
+
+# sparsify's SparseCoderConfig fields, in its order; written so sparsify can load our folders.
+_SPARSIFY_DEFAULTS = {
+    "activation": "topk",
+    "expansion_factor": 32,
+    "normalize_decoder": True,
+    "num_latents": 0,
+    "k": 32,
+    "multi_topk": False,
+    "skip_connection": False,
+    "transcode": False,
+}
+_TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+
+
+class ForwardOutput(NamedTuple):
+    recon: Tensor  # [..., D] reconstruction, in the raw (unscaled) space of the input
+    top_acts: Tensor  # [..., K] activations of the chosen latents (scaled space)
+    top_indices: Tensor  # [..., K] their ids
+    fvu: Tensor  # scalar: ‖x − x̂‖² / ‖x − mean(x)‖², scaled space, fp32
+    auxk_loss: Tensor  # scalar: AuxK loss (0 without a dead mask or dead latents), fp32
+
+
+class GroupSAE(nn.Module):
+    """TopK SAE: z = TopK(ReLU(W_enc (s·x − b_dec) + b_enc)), x̂ = (W_decᵀ z + b_dec) / s.
+
+    d_in: model width D. k: latents active per token. num_latents: M (0: expansion_factor·D).
+    layers: the 0-based block indices this SAE serves. scales: per-layer input factor s (default 1).
+    model, hookpoints: provenance, saved with the weights. k_aux: AuxK latents (default D // 2).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        *,
+        k: int = 32,
+        num_latents: int = 0,
+        expansion_factor: int = 16,
+        layers: Sequence[int] = (0,),
+        scales: Sequence[float] | None = None,
+        model: str | None = None,
+        hookpoints: Sequence[str] | None = None,
+        k_aux: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        M = num_latents or expansion_factor * d_in
+        layers = [int(layer) for layer in layers]
+        scales = [1.0] * len(layers) if scales is None else [float(s) for s in scales]
+        _check(d_in >= 1, f"d_in must be >= 1, got {d_in}")
+        _check(M >= 1, f"num_latents must be >= 1 (or expansion_factor >= 1), got {M}")
+        _check(1 <= k <= M, f"k must be in [1, num_latents={M}], got {k}")
+        _check(len(layers) >= 1 and len(set(layers)) == len(layers) and min(layers) >= 0,
+               f"layers must be distinct block indices >= 0, got {layers}")
+        _check(len(scales) == len(layers),
+               f"scales needs one value per layer ({len(layers)}), got {len(scales)}")
+        _check(all(s > 0 and s < float("inf") for s in scales),
+               f"scales must be finite and > 0, got {scales}")
+        self.d_in, self.num_latents, self.k = d_in, M, k
+        self.expansion_factor = expansion_factor
+        self.k_aux = d_in // 2 if k_aux is None else k_aux
+        self.layers, self.model_name = layers, model
+        self.hookpoints = list(hookpoints) if hookpoints is not None else None
+
+        # Decoder rows start as random unit vectors and the encoder as their copy (DESIGN §1).
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        W = torch.randn(M, d_in, generator=gen, dtype=torch.float32)
+        W /= W.norm(dim=1, keepdim=True)
+        fk = dict(dtype=dtype, device=device)
+        self.encoder = nn.Linear(d_in, M, **fk)
+        with torch.no_grad():
+            self.encoder.weight.copy_(W)
+            self.encoder.bias.zero_()
+        self.W_dec = nn.Parameter(W.to(**fk))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **fk))
+        # Not in the state dict: sparsify's loader is strict about tensor names; cfg.json keeps them.
+        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=device),
+                             persistent=False)
+        lut = torch.full((max(layers) + 1,), -1, dtype=torch.int64)
+        lut[torch.tensor(layers)] = torch.arange(len(layers))
+        self.register_buffer("_layer_pos", lut.to(device), persistent=False)
+
+    # ------------------------------------------------------------------ scales
+    def scale_for(self, layer: int | Tensor | None, n: int) -> Tensor:
+        """The input factor for `layer`: a [1, 1] tensor for one layer, [n, 1] for per-token layers."""
+        if layer is None:
+            _check(len(self.layers) == 1,
+                   f"this SAE serves layers {self.layers}: pass layer= (an int or a per-token tensor)")
+            return self.scales[:1].view(1, 1)
+        if isinstance(layer, Tensor) and layer.numel() != 1:
+            layer = layer.reshape(-1).to(self._layer_pos.device)
+            _check(layer.numel() == n, f"layer has {layer.numel()} entries for {n} tokens")
+            pos = self._layer_pos[layer.clamp(0, self._layer_pos.numel() - 1)]
+            bad = (pos < 0) | (layer < 0) | (layer >= self._layer_pos.numel())
+            if bool(bad.any()):
+                raise ValueError(f"layer {int(layer[bad][0])} is not served by this SAE "
+                                 f"(layers {self.layers})")
+            return self.scales[pos].unsqueeze(1)
+        layer = int(layer)
+        _check(layer in self.layers, f"layer {layer} is not served by this SAE (layers {self.layers})")
+        return self.scales[self.layers.index(layer)].view(1, 1)
+
+    def _flat(self, x: Tensor) -> Tensor:
+        _check(x.shape[-1] == self.d_in,
+               f"input width {x.shape[-1]} does not match the SAE's d_in={self.d_in}")
+        return x.reshape(-1, self.d_in)
+
+    # ------------------------------------------------------------------ core
+    def forward(self, x: Tensor, layer: int | Tensor | None = None,
+                dead_mask: Tensor | None = None) -> ForwardOutput:
+        """x: [..., D] raw activations of `layer`. dead_mask: [M] bool, enables AuxK."""
+        lead = x.shape[:-1]
+        xf = self._flat(x)
+        s = self.scale_for(layer, xf.shape[0])
+        xs = (xf * s).to(self.dtype)
+        top_acts, top_idx, aux_acts, aux_idx = ops.topk_encode(
+            xs, self.encoder.weight, self.encoder.bias, self.b_dec, self.k, dead_mask,
+            self.k_aux if dead_mask is not None else 0,
+        )
+        recon_s = ops.sparse_decode(top_idx, top_acts, self.W_dec) + self.b_dec
+        acc = torch.promote_types(self.dtype, torch.float32)  # losses in fp32 (fp64 for checks)
+        xs32 = xs.to(acc)
+        total_var = (xs32 - xs32.mean(0)).pow(2).sum()
+        resid = xs32 - recon_s.to(acc)  # what the chosen latents failed to explain
+        fvu = resid.pow(2).sum() / total_var
+        if aux_idx.shape[1] > 0:
+            # AuxK (Gao et al. 2024): the top dead latents reconstruct the residual; weight shrinks
+            # when fewer latents are dead than k_aux.
+            e_hat = ops.sparse_decode(aux_idx, aux_acts, self.W_dec).to(acc)
+            weight = min(int(dead_mask.sum()) / self.k_aux, 1.0)
+            auxk = weight * (e_hat - resid.detach()).pow(2).sum() / total_var
+        else:
+            auxk = fvu.new_zeros(())
+        recon = (recon_s / s).to(x.dtype)
+        return ForwardOutput(
+            recon.view(*lead, self.d_in), top_acts.view(*lead, self.k),
+            top_idx.view(*lead, self.k), fvu, auxk,
+        )
+
+    def encode(self, x: Tensor, layer: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: [..., D] raw activations -> (top_acts [..., K], top_indices [..., K])."""
+        lead = x.shape[:-1]
+        xf = self._flat(x)
+        xs = (xf * self.scale_for(layer, xf.shape[0])).to(self.dtype)
+        acts, idx, _, _ = ops.topk_encode(xs, self.encoder.weight, self.encoder.bias,
+                                          self.b_dec, self.k)
+        return acts.view(*lead, self.k), idx.view(*lead, self.k)
+
+    def decode(self, top_acts: Tensor, top_indices: Tensor,
+               layer: int | Tensor | None = None) -> Tensor:
+        """(top_acts, top_indices) [..., K] -> [..., D] reconstruction in the raw space of `layer`."""
+        lead, K = top_acts.shape[:-1], top_acts.shape[-1]
+        acts = top_acts.reshape(-1, K).to(self.dtype)
+        idx = top_indices.reshape(-1, K)
+        s = self.scale_for(layer, acts.shape[0])
+        recon = (ops.sparse_decode(idx, acts, self.W_dec) + self.b_dec) / s
+        return recon.to(self.dtype).view(*lead, self.d_in)
+
+    def encode_dense(self, x: Tensor, layer: int | Tensor | None = None) -> Tensor:
+        """x: [..., D] -> [..., M] latent vector with K non-zeros per token."""
+        acts, idx = self.encode(x, layer)
+        return acts.new_zeros(*acts.shape[:-1], self.num_latents).scatter_(-1, idx, acts)
+
+    # ------------------------------------------------------------------ training helpers
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Before the optimizer step: drop the gradient component parallel to each decoder row."""
+        if self.W_dec.grad is not None:
+            ops.project_decoder_grad_(self.W_dec.data, self.W_dec.grad)
+
+    @torch.no_grad()
+    def renorm_decoder_(self) -> None:
+        """After the optimizer step: decoder rows back to unit norm."""
+        ops.renorm_decoder_(self.W_dec.data)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    # ------------------------------------------------------------------ save / load
+    def config(self) -> dict:
+        """cfg.json: sparsify's keys first, then the group fields."""
+        return {
+            **_SPARSIFY_DEFAULTS,
+            "expansion_factor": self.expansion_factor,
+            "num_latents": self.num_latents,
+            "k": self.k,
+            "d_in": self.d_in,
+            "layers": self.layers,
+            "scales": self.scales.tolist(),
+            "model": self.model_name,
+            "hookpoints": self.hookpoints,
+            "k_aux": self.k_aux,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "format": "lgsae.GroupSAE/1",
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path/cfg.json` and `path/sae.safetensors`; each file is replaced atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        _atomic_write(path / "sae.safetensors", lambda f: save_file(tensors, f))
+        _atomic_write(path / "cfg.json",
+                      lambda f: Path(f).write_text(json.dumps(self.config(), indent=2) + "\n"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> GroupSAE:
+        """Read a folder written by `save`, or by sparsify (a one-layer SAE with scale 1)."""
+        path = Path(path)
+        cfg_file, st_file = path / "cfg.json", path / "sae.safetensors"
+        for f in (cfg_file, st_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found: an SAE folder holds cfg.json and "
+                                        "sae.safetensors (as written by GroupSAE.save or sparsify)")
+        cfg = json.loads(cfg_file.read_text())
+        tensors = load_file(st_file)
+        missing = [n for n in _TENSORS if n not in tensors]
+        if missing:
+            raise ValueError(f"{st_file} lacks tensors {missing} (found {sorted(tensors)})")
+        if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or \
+                cfg.get("skip_connection"):
+            raise ValueError(f"{cfg_file}: only plain TopK autoencoders load as GroupSAE "
+                             "(activation=topk, no transcode, no skip connection)")
+        W_dec = tensors["W_dec"]
+        sae = cls(
+            int(cfg["d_in"]), k=int(cfg["k"]), num_latents=W_dec.shape[0],
+            expansion_factor=int(cfg.get("expansion_factor", 16)),
+            layers=cfg.get("layers", [0]), scales=cfg.get("scales"), model=cfg.get("model"),
+            hookpoints=cfg.get("hookpoints"), k_aux=cfg.get("k_aux"),
+            dtype=dtype or W_dec.dtype, device=device,
+        )
+        sae.load_state_dict({n: tensors[n] for n in _TENSORS})
+        return sae
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def _atomic_write(target: Path, write) -> None:
+    """write(tmp_path) then rename over target: readers see the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,187 @@
+"""GroupSAE: scales, layers, forward against the dense twin, save/load, sparsify's format."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import assert_close
+from safetensors.torch import save_file
+
+from lgsae import GroupSAE, reference
+
+D, M = 48, 100
+
+
+def trained_like(sae: GroupSAE) -> GroupSAE:
+    """Perturb every parameter so that a test cannot pass on the initial values alone."""
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return sae
+
+
+def test_forward_equals_dense_twin_in_scaled_space():
+    sae = trained_like(GroupSAE(D, k=5, num_latents=M, layers=[3, 4], scales=[0.5, 2.0],
+                                dtype=torch.float64))
+    x = 4 * torch.randn(2, 16, D, dtype=torch.float64)  # leading dims are kept
+    dead = torch.rand(M) < 0.5
+    out = sae(x, layer=4, dead_mask=dead)
+    dense = reference.dense_sae_forward(2.0 * x.view(-1, D), sae.encoder.weight,
+                                        sae.encoder.bias, sae.W_dec, sae.b_dec, 5, dead, D // 2)
+    assert out.recon.shape == x.shape and out.top_indices.shape == (2, 16, 5)
+    assert_close(out.recon, dense.recon.view_as(x) / 2.0, atol=1e-12, name="recon")
+    assert_close(out.fvu, dense.fvu, atol=1e-12, name="fvu")
+    assert_close(out.auxk_loss, dense.auxk_loss, atol=1e-12, name="auxk")
+    assert out.auxk_loss > 0
+    assert sae(x, layer=4).auxk_loss == 0  # no dead mask, no AuxK
+
+
+def test_per_token_layers_use_each_tokens_scale():
+    sae = trained_like(GroupSAE(D, k=4, num_latents=M, layers=[1, 2], scales=[0.5, 3.0]))
+    x = torch.randn(10, D)
+    layer = torch.tensor([1, 2] * 5)
+    mixed = sae(x, layer=layer).recon
+    assert_close(mixed[0::2], sae(x[0::2], layer=1).recon, atol=1e-6, name="layer 1 tokens")
+    assert_close(mixed[1::2], sae(x[1::2], layer=2).recon, atol=1e-6, name="layer 2 tokens")
+    acts, idx = sae.encode(x, layer=layer)
+    assert_close(sae.decode(acts, idx, layer=layer), mixed, atol=1e-6, name="decode")
+
+
+def test_encode_dense_has_k_nonzeros_at_the_encoded_latents():
+    sae = trained_like(GroupSAE(D, k=6, num_latents=M))
+    x = torch.randn(3, 7, D)
+    z = sae.encode_dense(x)
+    acts, idx = sae.encode(x)
+    assert z.shape == (3, 7, M)
+    assert_close(z.gather(-1, idx), acts, name="dense at indices")
+    assert int((z != 0).sum(-1).max()) <= 6
+    assert_close(sae.decode(acts, idx), (z.view(-1, M) @ sae.W_dec + sae.b_dec).view(3, 7, D),
+                 atol=1e-5, name="dense decode")
+
+
+@pytest.mark.parametrize(
+    "kwargs, call, match",
+    [
+        (dict(layers=[2, 5]), dict(layer=None), r"serves layers \[2, 5\]: pass layer="),
+        (dict(layers=[2, 5]), dict(layer=3), r"layer 3 is not served by this SAE"),
+        (dict(layers=[2, 5]), dict(layer=torch.tensor([2, 9, 5, 2])), r"layer 9 is not served"),
+        (dict(), dict(width=50), r"input width 50 does not match the SAE's d_in=48"),
+    ],
+)
+def test_bad_layer_or_width_is_one_clear_error(kwargs, call, match):
+    sae = GroupSAE(D, k=3, num_latents=M, **kwargs)
+    x = torch.randn(4, call.get("width", D))
+    with pytest.raises(ValueError, match=match):
+        sae(x, layer=call.get("layer"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(k=0), r"k must be in \[1, num_latents=100\]"),
+        (dict(k=101), r"k must be in \[1, num_latents=100\]"),
+        (dict(layers=[1, 1]), r"layers must be distinct"),
+        (dict(layers=[1, 2], scales=[1.0]), r"scales needs one value per layer"),
+        (dict(scales=[0.0]), r"scales must be finite and > 0"),
+    ],
+)
+def test_bad_config_is_one_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GroupSAE(D, num_latents=M, **{"k": 3, **kwargs})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip_is_exact(tmp_path, dtype):
+    sae = trained_like(GroupSAE(D, k=5, num_latents=M, layers=[7, 8, 9], scales=[0.3, 0.4, 0.5],
+                                model="tiny-llama", hookpoints=["layers.7", "layers.8", "layers.9"],
+                                dtype=dtype))
+    sae.save(tmp_path / "sae")
+    back = GroupSAE.load(tmp_path / "sae")
+    assert back.dtype == dtype and back.layers == [7, 8, 9] and back.model_name == "tiny-llama"
+    assert back.hookpoints == sae.hookpoints and back.k == 5 and back.num_latents == M
+    assert torch.equal(back.scales, sae.scales)
+    for (n, a), (_, b) in zip(sae.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = torch.randn(20, D)
+    assert torch.equal(back(x, layer=8).recon, sae(x, layer=8).recon)
+    assert not [f for f in os.listdir(tmp_path / "sae") if f.endswith(".tmp")]
+
+
+def test_saved_folder_is_sparsify_layout(tmp_path):
+    sae = GroupSAE(D, k=5, num_latents=M)
+    sae.save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    for key in ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k",
+                "multi_topk", "skip_connection", "transcode", "d_in"):
+        assert key in cfg, key
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "sae.safetensors", "pt") as f:
+        assert sorted(f.keys()) == ["W_dec", "b_dec", "encoder.bias", "encoder.weight"]
+        assert f.get_slice("encoder.weight").get_shape() == [M, D]
+
+
+def test_sparsify_folder_loads_and_reconstructs_identically(tmp_path):
+    """A folder in sparsify's format, written here by hand (what SparseCoder.save_to_disk
+    writes), reconstructs exactly as sparsify's formula says."""
+    W_enc, W_dec = torch.randn(M, D), torch.randn(M, D)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    b_enc, b_dec = torch.randn(M), torch.randn(D)
+    save_file({"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+              tmp_path / "sae.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
+        "num_latents": M, "k": 7, "multi_topk": False, "skip_connection": False,
+        "transcode": False, "d_in": D}))
+    sae = GroupSAE.load(tmp_path)
+    assert sae.layers == [0] and sae.scales.tolist() == [1.0]
+    x = torch.randn(25, D)
+    vals, idx = torch.relu((x - b_dec) @ W_enc.T + b_enc).topk(7, dim=1)
+    want = torch.zeros(25, M).scatter(1, idx, vals) @ W_dec + b_dec
+    assert_close(sae(x).recon, want, atol=1e-5, name="recon")
+
+
+def test_sparsify_reads_our_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder fails on CPU tensors
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify not installed (extra 'peers')")
+    sae = trained_like(GroupSAE(D, k=5, num_latents=M, layers=[4], scales=[1.0]))
+    sae.save(tmp_path)
+    theirs = sparsify.SparseCoder.load_from_disk(tmp_path)
+    x = torch.randn(30, D)
+    assert_close(theirs(x).sae_out, sae(x).recon, atol=1e-5, name="sparsify recon")
+
+
+def test_load_refuses_what_it_cannot_represent(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cfg.json and sae.safetensors"):
+        GroupSAE.load(tmp_path)
+    GroupSAE(D, k=3, num_latents=M).save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "transcode": True}))
+    with pytest.raises(ValueError, match="only plain TopK autoencoders"):
+        GroupSAE.load(tmp_path)
+
+
+def test_a_training_step_keeps_decoder_rows_unit_norm():
+    sae = GroupSAE(D, k=4, num_latents=M, seed=1)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = torch.randn(64, D)
+    dead = torch.ones(M, dtype=torch.bool)
+    first = None
+    for _ in range(20):
+        out = sae(x, dead_mask=dead)
+        loss = out.fvu + out.auxk_loss / 32
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        sae.project_decoder_grad_()
+        assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+        opt.step()
+        sae.renorm_decoder_()
+    assert_close(sae.W_dec.norm(dim=1), torch.ones(M), atol=1e-5, name="row norms")
+    assert loss.item() < 0.8 * first  # it learns
+
+
+def test_seed_makes_init_deterministic():
+    a, b = GroupSAE(D, k=3, num_latents=M, seed=5), GroupSAE(D, k=3, num_latents=M, seed=5)
+    assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.encoder.weight, a.W_dec)
