@@ -1,4 +1,4 @@
-"""lgsae: sparse autoencoders for every layer of a language model, one per group of similar layers."""
+"""lgsae: sparse autoencoders for every layer of a language model, one per group of layers."""
 
 from lgsae.sae import ForwardOutput, GroupSAE
 

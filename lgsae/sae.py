@@ -1,9 +1,9 @@
 """`GroupSAE`: one TopK sparse autoencoder serving one or more layers of a model (DESIGN §1).
 
 Each served layer has an input scale (the factor that brings its activations to unit mean norm):
-`forward` multiplies raw activations by it on the way in and divides the reconstruction by it on the
-way out, so callers always pass and receive raw activations. Latent activations, FVU and AuxK live in
-the scaled space, where every layer of a group looks alike.
+`forward` multiplies raw activations by it on the way in and divides the reconstruction by it on
+the way out, so callers always pass and receive raw activations. Latent activations, FVU and AuxK
+live in the scaled space, where every layer of a group looks alike.
 
 On disk a GroupSAE is sparsify's layout (`cfg.json` + `sae.safetensors` holding `encoder.weight`,
 `encoder.bias`, `W_dec`, `b_dec`), with the group fields as extra cfg keys that sparsify ignores.
@@ -100,7 +100,7 @@ class GroupSAE(nn.Module):
             self.encoder.bias.zero_()
         self.W_dec = nn.Parameter(W.to(**fk))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **fk))
-        # Not in the state dict: sparsify's loader is strict about tensor names; cfg.json keeps them.
+        # Not in the state dict (sparsify's loader is strict about tensor names): cfg.json has them.
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=device),
                              persistent=False)
         lut = torch.full((max(layers) + 1,), -1, dtype=torch.int64)
@@ -109,10 +109,11 @@ class GroupSAE(nn.Module):
 
     # ------------------------------------------------------------------ scales
     def scale_for(self, layer: int | Tensor | None, n: int) -> Tensor:
-        """The input factor for `layer`: a [1, 1] tensor for one layer, [n, 1] for per-token layers."""
+        """The input factor for `layer`: [1, 1] for one layer, [n, 1] for per-token layers."""
         if layer is None:
             _check(len(self.layers) == 1,
-                   f"this SAE serves layers {self.layers}: pass layer= (an int or a per-token tensor)")
+                   f"this SAE serves layers {self.layers}: pass layer= "
+                   "(an int or a per-token tensor)")
             return self.scales[:1].view(1, 1)
         if isinstance(layer, Tensor) and layer.numel() != 1:
             layer = layer.reshape(-1).to(self._layer_pos.device)
@@ -124,7 +125,8 @@ class GroupSAE(nn.Module):
                                  f"(layers {self.layers})")
             return self.scales[pos].unsqueeze(1)
         layer = int(layer)
-        _check(layer in self.layers, f"layer {layer} is not served by this SAE (layers {self.layers})")
+        _check(layer in self.layers,
+               f"layer {layer} is not served by this SAE (layers {self.layers})")
         return self.scales[self.layers.index(layer)].view(1, 1)
 
     def _flat(self, x: Tensor) -> Tensor:
@@ -175,7 +177,7 @@ class GroupSAE(nn.Module):
 
     def decode(self, top_acts: Tensor, top_indices: Tensor,
                layer: int | Tensor | None = None) -> Tensor:
-        """(top_acts, top_indices) [..., K] -> [..., D] reconstruction in the raw space of `layer`."""
+        """(top_acts, top_indices) [..., K] -> [..., D] reconstruction, raw space of `layer`."""
         lead, K = top_acts.shape[:-1], top_acts.shape[-1]
         acts = top_acts.reshape(-1, K).to(self.dtype)
         idx = top_indices.reshape(-1, K)
@@ -273,7 +275,7 @@ def _check(ok: bool, msg: str) -> None:
 
 
 def _atomic_write(target: Path, write) -> None:
-    """write(tmp_path) then rename over target: readers see the old file or the new one, never half."""
+    """write(tmp) then rename over target: readers see the old file or the new, never half."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:

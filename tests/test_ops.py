@@ -62,8 +62,8 @@ def test_sparse_grads_equal_dense_autograd(k, dead, x_grad):
 
     out_s = sparse_forward(x, *params, k, dead_mask, k_aux)
     grads_s = torch.autograd.grad(loss_of(*out_s, probe), [*params] + ([x] if x_grad else []))
-    out_d = reference.dense_sae_forward(x, params[0], params[1], params[2], params[3], k,
-                                        dead_mask, k_aux)
+    d = reference.dense_sae_forward(x, *params, k, dead_mask, k_aux)
+    out_d = (d.recon, d.fvu, d.auxk_loss)
     grads_d = torch.autograd.grad(loss_of(*out_d, probe), [*params] + ([x] if x_grad else []))
 
     for name, a, b in zip(("recon", "fvu", "auxk"), out_s, out_d):
@@ -124,7 +124,8 @@ def test_aux_candidates_are_the_top_dead_latents():
                  atol=1e-12, name="aux_acts")
     few = torch.zeros(M, dtype=torch.bool)
     few[[5, 50]] = True  # k_aux is capped by the number of dead latents
-    assert reference.topk_encode(x, W_enc, b_enc, b_dec, 4, few, k_aux=6).aux_indices.shape == (11, 2)
+    capped = reference.topk_encode(x, W_enc, b_enc, b_dec, 4, few, k_aux=6)
+    assert capped.aux_indices.shape == (11, 2)
 
 
 def test_k_out_of_range_is_one_clear_error():
@@ -178,7 +179,11 @@ def test_half_and_single_precision_backward_runs_and_is_close(dtype):
 
     exact = grads(sparse_forward, torch.float64)
     ours = grads(sparse_forward, dtype)
-    dense = grads(lambda *a: reference.dense_sae_forward(*a[:5], a[5])[:3], dtype)
+    def dense_forward(*args):
+        d = reference.dense_sae_forward(*args)
+        return d.recon, d.fvu, d.auxk_loss
+
+    dense = grads(dense_forward, dtype)
     for name, e, o, d in zip(("W_enc", "b_enc", "W_dec", "b_dec"), exact, ours, dense):
         err_ours = (o.double() - e).abs().max().item()
         err_dense = (d.double() - e).abs().max().item()
