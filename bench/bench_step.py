@@ -36,7 +36,7 @@ def dense_forward(sae: GroupSAE):
     return forward
 
 
-@pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_step(benchmark, record, provider, dtype):
     N, D, M, K = SCALES[SCALE]

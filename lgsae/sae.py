@@ -140,6 +140,10 @@ class GroupSAE(nn.Module):
         """x: [..., D] raw activations of `layer`. dead_mask: [M] bool, enables AuxK."""
         lead = x.shape[:-1]
         xf = self._flat(x)
+        if dead_mask is not None:
+            _check(dead_mask.dtype == torch.bool and dead_mask.shape == (self.num_latents,),
+                   f"dead_mask must be a bool tensor of shape [{self.num_latents}] (one flag per "
+                   f"latent), got {dead_mask.dtype} {tuple(dead_mask.shape)}")
         s = self.scale_for(layer, xf.shape[0])
         xs = (xf * s).to(self.dtype)
         top_acts, top_idx, aux_acts, aux_idx = ops.topk_encode(

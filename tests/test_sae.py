@@ -67,13 +67,15 @@ def test_encode_dense_has_k_nonzeros_at_the_encoded_latents():
         (dict(layers=[2, 5]), dict(layer=3), r"layer 3 is not served by this SAE"),
         (dict(layers=[2, 5]), dict(layer=torch.tensor([2, 9, 5, 2])), r"layer 9 is not served"),
         (dict(), dict(width=50), r"input width 50 does not match the SAE's d_in=48"),
+        (dict(), dict(dead=torch.ones(M)), r"dead_mask must be a bool tensor of shape \[100\]"),
+        (dict(), dict(dead=torch.ones(M + 1, dtype=torch.bool)), r"got torch.bool \(101,\)"),
     ],
 )
-def test_bad_layer_or_width_is_one_clear_error(kwargs, call, match):
+def test_bad_input_is_one_clear_error(kwargs, call, match):
     sae = GroupSAE(D, k=3, num_latents=M, **kwargs)
     x = torch.randn(4, call.get("width", D))
     with pytest.raises(ValueError, match=match):
-        sae(x, layer=call.get("layer"))
+        sae(x, layer=call.get("layer"), dead_mask=call.get("dead"))
 
 
 @pytest.mark.parametrize(
