@@ -76,9 +76,11 @@ def token_contexts(tokenizer, source: str | None = None, *, n_tokens: int, ctx_l
     taken after a training set. Fewer contexts than asked are returned (with a warning) when the
     source runs out; fewer than one is an error.
     """
-    if ctx_len < 1 or n_tokens < ctx_len:
-        raise ValueError(f"need ctx_len >= 1 and n_tokens >= ctx_len, got n_tokens={n_tokens}, "
-                         f"ctx_len={ctx_len}")
+    if not all(isinstance(v, int) for v in (n_tokens, ctx_len, skip_contexts)) or \
+            ctx_len < 1 or n_tokens < ctx_len or skip_contexts < 0:
+        raise ValueError(f"need integers with ctx_len >= 1, n_tokens >= ctx_len and "
+                         f"skip_contexts >= 0, got n_tokens={n_tokens!r}, ctx_len={ctx_len!r}, "
+                         f"skip_contexts={skip_contexts!r}")
     want = (skip_contexts + n_tokens // ctx_len) * ctx_len
     eos = tokenizer.eos_token_id
     chunks, have = [], 0

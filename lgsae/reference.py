@@ -24,6 +24,9 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 
 class EncodeOut(NamedTuple):
+    """When fewer than K pre-activations of a row are positive, some chosen latents have act 0:
+    count a latent as firing from `top_acts > 0`, not from its presence in `top_indices`."""
+
     top_acts: Tensor  # [N, K] post-ReLU activations of the chosen latents
     top_indices: Tensor  # [N, K] int64 latent ids
     aux_acts: Tensor  # [N, K_aux] post-ReLU activations of the top dead latents (K_aux may be 0)
@@ -44,8 +47,17 @@ def _pre_buffer(N: int, M: int, like: Tensor) -> Tensor | None:
         return None
     buf = getattr(_workspace, "pre", None)
     if buf is None or buf.numel() < N * M or buf.dtype != like.dtype:
-        buf = _workspace.pre = torch.empty(N * M, dtype=like.dtype)
+        _workspace.pre = None  # free the old one before allocating the new
+        # a normal tensor even if the first call runs under inference_mode, so later calls
+        # outside it can still write into it
+        with torch.inference_mode(False):
+            buf = _workspace.pre = torch.empty(N * M, dtype=like.dtype)
     return buf[: N * M].view(N, M)
+
+
+def free_workspace() -> None:
+    """Release this thread's reused pre-activation buffer (N×M of the largest batch seen)."""
+    _workspace.pre = None
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,6 +12,7 @@ On disk a GroupSAE is sparsify's layout (`cfg.json` + `sae.safetensors` holding 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ class ForwardOutput(NamedTuple):
     recon: Tensor  # [..., D] reconstruction, in the raw (unscaled) space of the input
     top_acts: Tensor  # [..., K] activations of the chosen latents (scaled space)
     top_indices: Tensor  # [..., K] their ids
-    fvu: Tensor  # scalar: ‖x − x̂‖² / ‖x − mean(x)‖², scaled space, fp32
+    fvu: Tensor  # scalar: ‖x − x̂‖² / ‖x − mean(x)‖², scaled space, fp32 (inf for 1 token)
     auxk_loss: Tensor  # scalar: AuxK loss (0 without a dead mask or dead latents), fp32
 
 
@@ -72,6 +73,10 @@ class GroupSAE(nn.Module):
     ):
         super().__init__()
         M = num_latents or expansion_factor * d_in
+        layers = [layers] if isinstance(layers, numbers.Integral) else list(layers)
+        _check(all(_is_int(v) for v in (d_in, k, M, *layers)) and
+               (k_aux is None or _is_int(k_aux)),
+               "d_in, k, num_latents, k_aux and layers must be integers")
         layers = [int(layer) for layer in layers]
         scales = [1.0] * len(layers) if scales is None else [float(s) for s in scales]
         _check(d_in >= 1, f"d_in must be >= 1, got {d_in}")
@@ -83,10 +88,11 @@ class GroupSAE(nn.Module):
                f"scales needs one value per layer ({len(layers)}), got {len(scales)}")
         _check(all(s > 0 and s < float("inf") for s in scales),
                f"scales must be finite and > 0, got {scales}")
+        _check(k_aux is None or k_aux >= 0, f"k_aux must be >= 0 (0 turns AuxK off), got {k_aux}")
         self.d_in, self.num_latents, self.k = d_in, M, k
         self.expansion_factor = expansion_factor
         self.k_aux = d_in // 2 if k_aux is None else k_aux
-        self.layers, self.model_name = layers, model
+        self.layers, self.model_name, self._scale_values = layers, model, scales
         self.hookpoints = list(hookpoints) if hookpoints is not None else None
 
         # Decoder rows start as random unit vectors and the encoder as their copy (DESIGN §1).
@@ -115,6 +121,15 @@ class GroupSAE(nn.Module):
                    f"this SAE serves layers {self.layers}: pass layer= "
                    "(an int or a per-token tensor)")
             return self.scales[:1].view(1, 1)
+        if isinstance(layer, (list, tuple)):
+            layer = torch.as_tensor(layer)
+        if isinstance(layer, Tensor):
+            _check(not (layer.is_floating_point() or layer.is_complex() or
+                        layer.dtype == torch.bool),
+                   f"layer must hold integer block indices, got a {layer.dtype} tensor")
+        elif not _is_int(layer):
+            raise ValueError(f"layer must be an int block index or a per-token integer tensor, "
+                             f"got {layer!r}")
         if isinstance(layer, Tensor) and layer.numel() != 1:
             layer = layer.reshape(-1).to(self._layer_pos.device)
             _check(layer.numel() == n, f"layer has {layer.numel()} entries for {n} tokens")
@@ -181,7 +196,11 @@ class GroupSAE(nn.Module):
 
     def decode(self, top_acts: Tensor, top_indices: Tensor,
                layer: int | Tensor | None = None) -> Tensor:
-        """(top_acts, top_indices) [..., K] -> [..., D] reconstruction, raw space of `layer`."""
+        """(top_acts, top_indices) [..., K] -> [..., D] reconstruction, raw space of `layer`,
+        in the SAE's dtype (`forward` returns the input's dtype instead)."""
+        _check(top_acts.shape == top_indices.shape,
+               f"top_acts {tuple(top_acts.shape)} and top_indices {tuple(top_indices.shape)} "
+               "must have the same shape [..., K]")
         lead, K = top_acts.shape[:-1], top_acts.shape[-1]
         acts = top_acts.reshape(-1, K).to(self.dtype)
         idx = top_indices.reshape(-1, K)
@@ -206,6 +225,13 @@ class GroupSAE(nn.Module):
         """After the optimizer step: decoder rows back to unit norm."""
         ops.renorm_decoder_(self.W_dec.data)
 
+    def _apply(self, fn, recurse=True):
+        # .to(bf16)/.half() would round the scales buffer too; rebuild it from the exact values
+        super()._apply(fn, recurse)
+        self.scales = torch.tensor(self._scale_values, dtype=torch.float32,
+                                   device=self.scales.device)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
@@ -224,7 +250,7 @@ class GroupSAE(nn.Module):
             "k": self.k,
             "d_in": self.d_in,
             "layers": self.layers,
-            "scales": self.scales.tolist(),
+            "scales": list(self._scale_values),
             "model": self.model_name,
             "hookpoints": self.hookpoints,
             "k_aux": self.k_aux,
@@ -271,6 +297,10 @@ class GroupSAE(nn.Module):
         )
         sae.load_state_dict({n: tensors[n] for n in _TENSORS})
         return sae
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check(ok: bool, msg: str) -> None:

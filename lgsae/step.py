@@ -63,6 +63,11 @@ def train_step(sae: GroupSAE, opt: torch.optim.Optimizer, x: Tensor, *,
     """
     out = (forward or sae)(x, layer=layer, dead_mask=dead_mask)
     loss = out.fvu + AUXK_COEF * out.auxk_loss
+    if not bool(torch.isfinite(loss)):  # never let one bad batch write NaN/inf into the weights
+        raise FloatingPointError(
+            f"non-finite loss (fvu={out.fvu.item():.4g}, auxk={out.auxk_loss.item():.4g}) on a "
+            f"batch of {x.reshape(-1, x.shape[-1]).shape[0]} tokens: the batch needs >= 2 tokens "
+            "with non-zero variance and finite activations; the step was not taken")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     sae.project_decoder_grad_()

@@ -58,6 +58,8 @@ def test_text_source_errors_are_clear(tmp_path):
     short.write_text("ab\n")
     with pytest.raises(ValueError, match="fewer than one context of 16"):
         data.token_contexts(CharTokenizer(), str(short), n_tokens=32, ctx_len=16)
+    with pytest.raises(ValueError, match="skip_contexts >= 0"):
+        data.token_contexts(CharTokenizer(), str(short), n_tokens=2, ctx_len=1, skip_contexts=-2)
     csv = tmp_path / "x.csv"
     csv.write_text("a")
     with pytest.raises(ValueError, match="unsupported file type '.csv'"):

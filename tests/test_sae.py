@@ -187,3 +187,59 @@ def test_a_training_step_keeps_decoder_rows_unit_norm():
 def test_seed_makes_init_deterministic():
     a, b = GroupSAE(D, k=3, num_latents=M, seed=5), GroupSAE(D, k=3, num_latents=M, seed=5)
     assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.encoder.weight, a.W_dec)
+
+
+def test_inference_mode_first_then_normal_calls_work():
+    from lgsae import reference
+
+    reference.free_workspace()  # so the first call below allocates the reused buffer
+    sae = GroupSAE(D, k=4, num_latents=M)
+    x = torch.randn(33, D)
+    with torch.inference_mode():
+        want = sae.encode(x)
+    got = sae.encode(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_step_on_a_zero_variance_batch_raises_and_keeps_the_weights():
+    from lgsae.step import make_optimizer, train_step
+
+    sae = GroupSAE(D, k=4, num_latents=M, seed=0)
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    with pytest.raises(FloatingPointError, match="needs >= 2 tokens with non-zero variance"):
+        train_step(sae, make_optimizer(sae), torch.randn(1, D))
+    for n, p in sae.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("layer", [4.7, True, torch.tensor([4.0, 4.0]), torch.tensor(4.5)])
+def test_non_integer_layer_is_rejected(layer):
+    sae = GroupSAE(D, k=3, num_latents=M, layers=[4])
+    with pytest.raises(ValueError, match="layer must"):
+        sae(torch.randn(2, D), layer=layer)
+
+
+def test_layer_list_and_single_int_layers_are_accepted():
+    sae = GroupSAE(D, k=3, num_latents=M, layers=4, scales=[2.0])
+    x = torch.randn(2, D)
+    assert sae.layers == [4]
+    assert torch.equal(sae(x, layer=[4, 4]).recon, sae(x, layer=4).recon)
+
+
+def test_dtype_conversion_keeps_exact_scales(tmp_path):
+    sae = GroupSAE(D, k=3, num_latents=M, layers=[1], scales=[0.11]).to(torch.bfloat16)
+    assert sae.dtype == torch.bfloat16
+    assert sae.scales.dtype == torch.float32 and sae.scales.item() == pytest.approx(0.11, rel=1e-7)
+    assert sae.config()["scales"] == [0.11]
+
+
+@pytest.mark.parametrize("kwargs", [dict(k=4.5), dict(k_aux=-3), dict(layers=[1.5])])
+def test_non_integer_or_negative_config_is_rejected(kwargs):
+    with pytest.raises(ValueError):
+        GroupSAE(D, num_latents=M, **{"k": 3, **kwargs})
+
+
+def test_decode_shape_mismatch_is_one_clear_error():
+    sae = GroupSAE(D, k=3, num_latents=M)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        sae.decode(torch.rand(4, 7), torch.randint(0, M, (4, 6)))
