@@ -29,3 +29,43 @@ def assert_close(actual, expected, *, atol=0.0, rtol=0.0, name="tensor"):
             f"{name}: {int(bad.sum())}/{bad.numel()} mismatched, first at {first}: "
             f"{a[first].item()!r} vs {e[first].item()!r}; max abs err {(a - e).abs().max():.3g}"
         )
+
+
+class CharTokenizer:
+    """Stand-in tokenizer for tiny models: one id per character (1..vocab-1), EOS = 0."""
+
+    eos_token_id = 0
+
+    def __init__(self, vocab: int = 1 << 20):
+        self.vocab = vocab
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[1 + ord(c) % (self.vocab - 1) for c in t] for t in texts]}
+
+
+TINY = {  # tiny random-initialised configs of the architectures lgsae must handle
+    "llama": dict(intermediate_size=64),
+    "gpt_neox": dict(intermediate_size=64),
+    "gpt2": dict(bos_token_id=0, eos_token_id=0),
+}
+
+
+def tiny_model(arch: str = "llama", n_layers: int = 4, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(arch, vocab_size=61, hidden_size=32, num_hidden_layers=n_layers,
+                               num_attention_heads=4, **TINY[arch])
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def write_texts(path, n_docs: int = 40):
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "layer", "group", "token", "sparse", "model"]
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n")
+    return str(path)

@@ -1,0 +1,255 @@
+"""Layer groups: complete-linkage clustering of the layer distance matrix and the AMAD rule.
+
+Ghilardi et al. (arXiv 2410.21508): cluster layers agglomeratively with complete linkage (cluster
+distance = the largest pairwise distance) on the precomputed L×L angular-distance matrix, cut at G
+groups; AMAD(G) = mean over groups of the largest within-group distance; Ĝ = the smallest G with
+AMAD(G) < threshold (0.2). The last layer is kept out of the clustering (it gets its own SAE) by
+default. Run `python -m lgsae.groups` for harvest -> similarity -> groups on the offline default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.spatial.distance import squareform
+
+Groups = list[list[int]]
+
+
+def _sub(dist: np.ndarray, all_layers: list[int], layers: list[int]) -> np.ndarray:
+    idx = [all_layers.index(v) for v in layers]
+    return dist[np.ix_(idx, idx)]
+
+
+def complete_linkage(dist: np.ndarray) -> np.ndarray:
+    """scipy's linkage matrix for complete linkage on a precomputed distance matrix (not on its
+    rows as feature vectors, which is what the authors' code did)."""
+    return linkage(squareform(dist, checks=False), method="complete")
+
+
+def _canonical(groups) -> Groups:
+    return sorted(sorted(int(v) for v in g) for g in groups)
+
+
+def partition_from_linkage(Z: np.ndarray, layers: list[int], G: int) -> Groups:
+    labels = cut_tree(Z, n_clusters=G).ravel()
+    return _canonical([[v for v, c in zip(layers, labels) if c == k] for k in set(labels)])
+
+
+def contiguous_partitions(dist: np.ndarray, layers: list[int]) -> dict[int, Groups]:
+    """Complete linkage restricted to merging neighbouring groups: every G yields runs of
+    adjacent layers."""
+    groups = [[i] for i in range(len(layers))]
+    out = {len(groups): [[layers[i] for i in g] for g in groups]}
+    while len(groups) > 1:
+        costs = [dist[np.ix_(a + b, a + b)].max() for a, b in zip(groups, groups[1:])]
+        j = int(np.argmin(costs))
+        groups[j:j + 2] = [groups[j] + groups[j + 1]]
+        out[len(groups)] = [[layers[i] for i in g] for g in groups]
+    return out
+
+
+def amad(dist: np.ndarray, layers: list[int], groups: Groups) -> float:
+    """Mean over groups of the largest distance between two members (0 for a singleton)."""
+    return float(np.mean([_sub(dist, layers, g).max() for g in groups]))
+
+
+def is_contiguous(groups: Groups, layers: list[int]) -> bool:
+    """Every group is a run of neighbouring entries of `layers`."""
+    pos = {v: i for i, v in enumerate(layers)}
+    return all(max(pos[v] for v in g) - min(pos[v] for v in g) + 1 == len(g) for g in groups)
+
+
+def even_partition(layers: list[int], G: int) -> Groups:
+    """G runs of adjacent layers of (nearly) equal size: the paper's evenly spaced baseline."""
+    return [list(map(int, c)) for c in np.array_split(np.array(layers), G)]
+
+
+def compute_groups(dist: torch.Tensor | np.ndarray, layers: list[int], *, threshold: float = 0.2,
+                   exclude_last: bool = True, contiguous: bool = False) -> dict:
+    """Partitions for every G, AMAD, Ĝ and the even baseline, as the groups.json dict (without
+    model/tokens). `layers` names the rows of `dist`."""
+    dist = np.asarray(dist, dtype=np.float64)
+    if not 0 < threshold:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    if dist.shape != (len(layers), len(layers)):
+        raise ValueError(f"distance matrix {dist.shape} does not match {len(layers)} layers")
+    grouped = layers[:-1] if exclude_last and len(layers) > 1 else list(layers)
+    sub = _sub(dist, layers, grouped)
+    if contiguous:
+        parts = contiguous_partitions(sub, grouped)
+    else:
+        Z = complete_linkage(sub) if len(grouped) > 1 else None
+        parts = {G: (partition_from_linkage(Z, grouped, G) if Z is not None else [grouped])
+                 for G in range(1, len(grouped) + 1)}
+    partitions = {
+        str(G): {"groups": g, "amad": amad(dist, layers, g),
+                 "contiguous": is_contiguous(g, grouped)}
+        for G, g in sorted(parts.items())
+    }
+    chosen = min(int(G) for G, p in partitions.items() if p["amad"] < threshold)
+    even = even_partition(grouped, chosen)
+    return {
+        "layers": list(layers),
+        "grouped_layers": grouped,
+        "separate_layers": [v for v in layers if v not in grouped],
+        "distances": dist.tolist(),
+        "threshold": threshold,
+        "linkage": "complete",
+        "mode": "contiguous" if contiguous else "unconstrained",
+        "chosen_G": chosen,
+        "partitions": partitions,
+        "even": {"groups": even, "amad": amad(dist, layers, even),
+                 "contiguous": is_contiguous(even, grouped)},
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'G':>3}  {'AMAD':>6}  contig  groups"]
+    for G, p in result["partitions"].items():
+        mark = "  <- chosen" if int(G) == result["chosen_G"] else ""
+        groups = " ".join(f"[{g[0]}]" if len(g) == 1 else f"[{g[0]}..{g[-1]}]"
+                          if p["contiguous"] else str(g) for g in p["groups"])
+        lines.append(f"{G:>3}  {p['amad']:6.3f}  {'yes' if p['contiguous'] else 'no ':>6}  "
+                     f"{groups}{mark}")
+    return "\n".join(lines)
+
+
+def plot_groups(result: dict, out: Path) -> list[Path]:
+    """Distance heatmap with the Ĝ groups outlined, dendrogram, AMAD vs G. Returns the PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from scipy.cluster.hierarchy import dendrogram
+
+    out.mkdir(parents=True, exist_ok=True)
+    layers, dist = result["layers"], np.array(result["distances"])
+    chosen = result["partitions"][str(result["chosen_G"])]["groups"]
+    title = result.get("model", "")
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    im = ax.imshow(dist, cmap="viridis")
+    fig.colorbar(im, ax=ax, label="mean angular distance")
+    ticks = range(0, len(layers), max(1, len(layers) // 15))
+    ax.set_xticks(list(ticks), [layers[i] for i in ticks])
+    ax.set_yticks(list(ticks), [layers[i] for i in ticks])
+    for g in chosen + [[v] for v in result["separate_layers"]]:
+        idx = [layers.index(v) for v in g]
+        if max(idx) - min(idx) + 1 == len(idx):  # outline runs; scattered groups have no box
+            lo = min(idx) - 0.5
+            ax.add_patch(Rectangle((lo, lo), len(idx), len(idx), fill=False, ec="red", lw=1.5))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title}\nĜ = {result['chosen_G']} groups (+ {len(result['separate_layers'])} "
+                 f"separate), AMAD < {result['threshold']}", fontsize=9)
+    paths.append(_save(fig, out / "distances.png"))
+
+    grouped = result["grouped_layers"]
+    if len(grouped) > 1:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        Z = complete_linkage(_sub(dist, layers, grouped))
+        dendrogram(Z, labels=grouped, ax=ax, color_threshold=result["threshold"])
+        ax.axhline(result["threshold"], color="gray", ls="--", lw=1)
+        ax.set_ylabel("complete-linkage distance")
+        ax.set_title("dendrogram of the grouped layers", fontsize=9)
+        paths.append(_save(fig, out / "dendrogram.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    Gs = [int(G) for G in result["partitions"]]
+    ax.plot(Gs, [p["amad"] for p in result["partitions"].values()], marker="o", ms=3)
+    ax.axhline(result["threshold"], color="red", ls="--", lw=1, label="threshold")
+    ax.axvline(result["chosen_G"], color="gray", ls=":", lw=1, label=f"Ĝ = {result['chosen_G']}")
+    ax.set_xlabel("number of groups G")
+    ax.set_ylabel("AMAD")
+    ax.legend()
+    paths.append(_save(fig, out / "amad.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """'all' / None, '0-29', '0,2,4' or '0-5,10' -> sorted block indices."""
+    if text in (None, "", "all"):
+        return None
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            layers.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: use 'all', '0-29', '0,2,4' or '0-5,10'") from None
+    return sorted(layers)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from lgsae.harvest import HarvestConfig, harvest
+    from lgsae.similarity import layer_distances
+
+    p = argparse.ArgumentParser(
+        prog="python -m lgsae.groups", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Harvest every layer, measure layer distances, and group similar layers.")
+    p.add_argument("--model", default=None, help="HF name or local path (default: SmolLM2-135M)")
+    p.add_argument("--dataset", default=None,
+                   help="HF dataset, local .json/.jsonl/.txt (default: packaged Wikipedia leads)")
+    p.add_argument("--text-column", default="text", help="text column of --dataset")
+    p.add_argument("--tokens", type=int, default=20_480, help="tokens to harvest")
+    p.add_argument("--ctx", type=int, default=256, help="context length")
+    p.add_argument("--layers", default="all", help="blocks to use: all, 0-29, 0,2,4")
+    p.add_argument("--threshold", type=float, default=0.2, help="AMAD threshold that picks Ĝ")
+    p.add_argument("--out", default="runs/groups", help="folder for groups.json and plots")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model compute dtype")
+    p.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype the activations are stored in (default: --dtype)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward")
+    p.add_argument("--no-centre", action="store_true",
+                   help="raw cosines instead of subtracting each layer's mean first")
+    p.add_argument("--contiguous", action="store_true", help="only merge neighbouring layers")
+    p.add_argument("--include-last", action="store_true",
+                   help="cluster the last layer too instead of giving it its own SAE")
+    a = p.parse_args(argv)
+    cfg = HarvestConfig(model=a.model, dataset=a.dataset, text_column=a.text_column,
+                        tokens=a.tokens, ctx=a.ctx, layers=parse_layers(a.layers), dtype=a.dtype,
+                        cache_dtype=a.cache_dtype)
+    cache = harvest(cfg, device=a.device, batch_size=a.batch_size)
+    dist = layer_distances(cache, centre=not a.no_centre)
+    from lgsae.models import DEFAULT_MODEL, is_default
+
+    result = {"model": DEFAULT_MODEL if is_default(a.model) else a.model,
+              **compute_groups(dist, cache.layers, threshold=a.threshold,
+                               exclude_last=not a.include_last, contiguous=a.contiguous),
+              "tokens": cache.n_tokens, "centre": not a.no_centre, "cache": str(cache.root)}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "groups.json").write_text(json.dumps(result, indent=1))
+    plots = plot_groups(result, out)
+    print(format_table(result))
+    print(f"Ĝ = {result['chosen_G']} (AMAD < {a.threshold}); separate: "
+          f"{result['separate_layers']}; wrote {out / 'groups.json'} and "
+          f"{', '.join(p.name for p in plots)}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
+        sys.exit(f"lgsae.groups: error: {e}")
