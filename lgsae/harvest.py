@@ -256,7 +256,7 @@ def harvest(cfg: HarvestConfig, *, device: str | torch.device = "cpu", batch_siz
             ids = contexts[s * per:(s + 1) * per]
             t0 = time.perf_counter()
             acts = _run_shard(cap, ids, layers, batch_size, device, store)
-            manifest["shards"].append(_write_shard(root, s, ids, acts, layers))
+            manifest["shards"].append(_write_shard(root, s, ids, acts, layers, s * per))
             _write_json_atomic(root / MANIFEST, manifest)
             bar.update(ids.numel())
             bar.set_postfix(tok_per_s=f"{ids.numel() / (time.perf_counter() - t0):.0f}")
@@ -277,23 +277,24 @@ def _run_shard(cap: LayerCapture, ids: torch.Tensor, layers: list[int], batch_si
     for b in range(0, ids.shape[0], batch_size):
         out = cap.run(ids[b:b + batch_size].to(device))
         for v in layers:
-            h = out[v].reshape(-1, out[v].shape[-1])
-            if not bool(torch.isfinite(h).all()):
-                raise FloatingPointError(f"non-finite activations at layer {v} (contexts "
-                                         f"{b}..{b + batch_size - 1} of this shard); try "
-                                         "--dtype float32 or check the model")
-            parts[v].append(h.to(store).cpu())
+            parts[v].append(out[v].reshape(-1, out[v].shape[-1]).to(store).cpu())
     return {v: torch.cat(p) for v, p in parts.items()}
 
 
 def _write_shard(root: Path, s: int, ids: torch.Tensor, acts: dict[int, torch.Tensor],
-                 layers: list[int]) -> dict:
+                 layers: list[int], first_context: int = 0) -> dict:
+    norm = [torch.linalg.vector_norm(acts[v].float(), dim=1) for v in layers]
+    stats = {"sum": torch.stack([acts[v].sum(0, dtype=torch.float64) for v in layers]),
+             "norm_sum": torch.stack([n.sum(dtype=torch.float64) for n in norm])}
+    # any NaN/inf in a layer makes its norm sum non-finite: the check costs no extra pass
+    for v, ok in zip(layers, torch.isfinite(stats["norm_sum"]).tolist()):
+        if not ok:
+            raise FloatingPointError(
+                f"non-finite activations at layer {v} (contexts {first_context}.."
+                f"{first_context + ids.shape[0] - 1}); try --dtype float32 or check the model")
     name = f"shard_{s:05d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
-        norm = [torch.linalg.vector_norm(acts[v].float(), dim=1) for v in layers]
-        stats = {"sum": torch.stack([acts[v].sum(0, dtype=torch.float64) for v in layers]),
-                 "norm_sum": torch.stack([n.sum(dtype=torch.float64) for n in norm])}
         files = {"tokens.safetensors": {"ids": ids.contiguous()}, "stats.safetensors": stats}
         files.update({f"L{v:03d}.safetensors": {"x": acts[v].contiguous()} for v in layers})
         sums = {}
