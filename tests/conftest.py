@@ -59,13 +59,31 @@ def tiny_model(arch: str = "llama", n_layers: int = 4, seed: int = 0):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+WORDS = ["alpha", "beta", "gamma", "delta", "layer", "group", "token", "sparse", "model"]
+
+
 def write_texts(path, n_docs: int = 40):
     import json
     import random
 
     rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "layer", "group", "token", "sparse", "model"]
+    words = WORDS
     with open(path, "w") as f:
         for i in range(n_docs):
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n")
+    return str(path)
+
+
+def tiny_model_dir(path, arch: str = "llama", n_layers: int = 4):
+    """A saved tiny model with a word-level tokenizer over WORDS: loadable by name like a real
+    HF folder (lgsae.models.load_model / load_tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"</s>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="[UNK]")
+    tiny_model(arch, n_layers).save_pretrained(path)
+    tok.save_pretrained(path)
     return str(path)

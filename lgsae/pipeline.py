@@ -1,0 +1,167 @@
+"""`python -m lgsae.train`: harvest -> groups -> train -> evaluate -> report, in one run folder.
+
+Run folder: run.json (the flags), groups.json + distances/dendrogram/amad plots, checkpoints/,
+saes/<method>/<layers>/{cfg.json, sae.safetensors}, metrics.json, report.md, per_layer.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lgsae.groups import compute_groups, parse_layers, plot_groups
+from lgsae.harvest import HarvestConfig, harvest
+from lgsae.models import DEFAULT_MODEL, is_default, load_model, load_tokenizer
+from lgsae.similarity import layer_distances
+from lgsae.train import METHODS, TrainConfig, Trainer, plan_saes
+
+_RUN_FLAGS_IGNORED = ("resume", "overwrite")  # may differ between a run and its resumption
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m lgsae.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train one TopK SAE per group of similar layers (and the baselines), "
+                    "evaluate them on held-out tokens and write a report.")
+    a = p.add_argument
+    a("--model", default=None, help=f"HF name or local path (default: {DEFAULT_MODEL}, offline)")
+    a("--dataset", default=None,
+      help="HF dataset, local .json/.jsonl/.txt (default: packaged Wikipedia leads)")
+    a("--text-column", default="text", help="text column of --dataset")
+    a("--tokens", type=int, default=49_152, help="training tokens (one pass, every SAE)")
+    a("--eval-tokens", type=int, default=1024, help="held-out tokens for evaluation")
+    a("--ctx", type=int, default=256, help="context length")
+    a("--layers", default="all", help="blocks: all, 0-29, 0,2,4")
+    a("--expansion", type=int, default=8, help="latents = expansion × model width")
+    a("--k", type=int, default=32, help="active latents per token")
+    a("--batch", type=int, default=1024, help="tokens per training step")
+    a("--lr", type=float, default=None, help="learning rate (default: 2e-4/sqrt(M/2^14))")
+    a("--groups", default="auto",
+      help="auto (Ĝ by the AMAD rule), a number G, or explicit groups like '0-8;9-10;11-28'")
+    a("--threshold", type=float, default=0.2, help="AMAD threshold for --groups auto")
+    a("--contiguous", action="store_true", help="only group neighbouring layers")
+    a("--baselines", default="per-layer",
+      help="comma list of per-layer,even,smaller,single (or 'none')")
+    a("--dtype", default="float32", choices=["float32", "bfloat16"], help="SAE parameters")
+    a("--model-dtype", default="float32", choices=["float32", "bfloat16"],
+      help="model compute dtype for harvest and evaluation")
+    a("--cache-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+      help="dtype of the stored activations")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--out", default="runs/default", help="run folder")
+    a("--seed", type=int, default=0)
+    a("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--overwrite", action="store_true", help="delete --out first if it exists")
+    a("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _methods(text: str) -> list[str]:
+    names = [] if text.strip() in ("", "none") else [t.strip() for t in text.split(",")]
+    bad = [n for n in names if n not in METHODS[1:]]
+    if bad:
+        raise ValueError(f"--baselines: unknown {bad}; choose from {', '.join(METHODS[1:])}")
+    return ["groups"] + [m for m in METHODS[1:] if m in names]
+
+
+def _partition(spec: str, groups: dict) -> list[list[int]]:
+    """The groups to train from --groups: auto, a number G, or explicit 'a-b;c,d;...'."""
+    parts = groups["partitions"]
+    if spec == "auto":
+        return parts[str(groups["chosen_G"])]["groups"]
+    if spec.isdigit():
+        if spec not in parts:
+            raise ValueError(f"--groups {spec}: choose G in 1..{len(parts)}")
+        return parts[spec]["groups"]
+    explicit = [parse_layers(g) or [] for g in spec.split(";")]
+    flat = sorted(v for g in explicit for v in g)
+    want = groups["grouped_layers"]
+    if flat != want:
+        unknown = sorted(set(flat) - set(groups["layers"]))
+        separate = sorted(set(flat) & set(groups["separate_layers"]))
+        raise ValueError(
+            f"--groups {spec!r} must split layers {want} into groups, each layer once"
+            + (f"; unknown layers {unknown}" if unknown else "")
+            + (f"; layers {separate} get their own SAE and are not grouped" if separate else ""))
+    return explicit
+
+
+def _prepare_out(a: argparse.Namespace) -> Path:
+    out = Path(a.out)
+    flags = {k: v for k, v in vars(a).items() if k not in _RUN_FLAGS_IGNORED}
+    if out.exists() and any(out.iterdir()):
+        if a.overwrite:
+            shutil.rmtree(out)
+        elif a.resume:
+            old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+            if old != flags:
+                changed = sorted(k for k in set(old) | set(flags) if old.get(k) != flags.get(k))
+                raise ValueError(f"--resume: {out} was started with other flags ({changed}); "
+                                 "resume with the same flags or use --overwrite")
+        else:
+            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or "
+                                  "--overwrite to replace it (or choose another --out)")
+    elif a.resume:
+        raise FileNotFoundError(f"--resume: nothing to resume in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(flags, indent=1))
+    return out
+
+
+def run(a: argparse.Namespace) -> dict:
+    from lgsae.evaluate import evaluate
+    from lgsae.report import summarize, write_report
+
+    cfg = TrainConfig(k=a.k, expansion=a.expansion, batch=a.batch, lr=a.lr, dtype=a.dtype,
+                      seed=a.seed, checkpoint_every=a.checkpoint_every)
+    methods = _methods(a.baselines)
+    out = _prepare_out(a)
+    progress = not a.no_progress
+    model_name = DEFAULT_MODEL if is_default(a.model) else a.model
+    dtype = torch.bfloat16 if a.model_dtype == "bfloat16" else torch.float32
+    model = load_model(a.model, dtype=dtype, device=a.device)
+    tok = load_tokenizer(a.model)
+
+    t0 = time.perf_counter()
+    hk = dict(model=a.model, dataset=a.dataset, text_column=a.text_column, ctx=a.ctx,
+              layers=parse_layers(a.layers), dtype=a.model_dtype, cache_dtype=a.cache_dtype,
+              seed=a.seed)
+    kw = dict(model=model, tokenizer=tok, device=a.device, progress=progress)
+    train_cache = harvest(HarvestConfig(tokens=a.tokens, **hk), **kw)
+    harvest_seconds = time.perf_counter() - t0
+    eval_cache = harvest(HarvestConfig(tokens=a.eval_tokens,
+                                       skip_contexts=train_cache.n_tokens // a.ctx, **hk), **kw)
+
+    groups = {"model": model_name,
+              **compute_groups(layer_distances(train_cache), train_cache.layers,
+                               threshold=a.threshold, contiguous=a.contiguous),
+              "tokens": train_cache.n_tokens}
+    (out / "groups.json").write_text(json.dumps(groups, indent=1))
+    plot_groups(groups, out)
+    partition = _partition(a.groups, groups)
+
+    specs = plan_saes(groups, partition, methods, train_cache.d_model, a.expansion, a.k)
+    trainer = Trainer(specs, train_cache, cfg, model_name, device=a.device)
+    if a.resume:
+        trainer.load_checkpoint(out / "checkpoints")
+    trainer.fit(out / "checkpoints", progress=progress)
+    for spec, sae in zip(specs, trainer.saes):
+        sae.save(out / "saes" / spec.name)
+
+    by_method: dict[str, dict[int, object]] = {}
+    for spec, sae in zip(specs, trainer.saes):
+        for v in spec.layers:
+            by_method.setdefault(spec.method, {})[v] = sae
+    results = evaluate(by_method, eval_cache, model, progress=progress)
+    metrics = summarize(trainer, specs, results, groups, harvest_seconds,
+                        eval_tokens=eval_cache.n_tokens, partition=partition)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_report(out, metrics, groups)
+    print((out / "report.md").read_text().split("\n## ")[1])
+    return metrics

@@ -1,0 +1,158 @@
+"""Training pipeline: end to end on a tiny model, save/load, resume after SIGKILL, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CharTokenizer, tiny_model, tiny_model_dir, write_texts
+
+from lgsae import GroupSAE
+from lgsae.harvest import HarvestConfig, harvest
+from lgsae.train import SAESpec, TrainConfig, Trainer, main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    return {"model": tiny_model_dir(d / "m", n_layers=5),
+            "text": write_texts(d / "t.jsonl", n_docs=300), "cache": d / "cache"}
+
+
+def flags(tiny, out, *extra):
+    return ["--model", tiny["model"], "--dataset", tiny["text"], "--tokens", "2048",
+            "--eval-tokens", "128", "--ctx", "32", "--batch", "256", "--expansion", "2",
+            "--k", "4", "--checkpoint-every", "2", "--out", str(out), "--no-progress", *extra]
+
+
+def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
+    metrics = main(flags(tiny, tmp_path / "run", "--baselines", "per-layer,even,smaller,single"))
+    run = tmp_path / "run"
+    for f in ("run.json", "groups.json", "metrics.json", "report.md", "per_layer.png",
+              "distances.png", "dendrogram.png", "amad.png"):
+        assert (run / f).is_file(), f
+    assert list((run / "checkpoints").glob("step_*"))
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    for key in ("model", "tokens_train", "tokens_eval", "chosen_G", "methods"):
+        assert key in on_disk
+    assert set(on_disk["methods"]) == {"groups", "per-layer", "even", "smaller", "single"}
+    assert on_disk["tokens_train"] == 2048 and on_disk["tokens_eval"] == 128
+    for name, m in on_disk["methods"].items():
+        for key in ("n_saes", "fvu", "delta_ce_pct", "l0", "dead_pct", "kl", "train_seconds",
+                    "harvest_seconds", "flops", "per_layer"):
+            assert key in m, (name, key)
+        assert set(m["per_layer"]) == {str(v) for v in range(5)}
+        assert 0 < m["fvu"] < 1.5 and 0 < m["l0"] <= 4
+    assert on_disk["methods"]["per-layer"]["n_saes"] == 5
+    assert on_disk["methods"]["single"]["n_saes"] == 2  # layers 0..3 together, 4 alone
+    saes = sorted(p.parent for p in (run / "saes").rglob("cfg.json"))
+    n = sum(m["n_saes"] for m in on_disk["methods"].values())
+    assert len(saes) == n
+    for folder in saes:
+        sae = GroupSAE.load(folder)
+        assert sae.layers and sae.model_name == tiny["model"]
+    table = (run / "report.md").read_text()
+    assert "| groups |" in table and "Pythia-160M" in table
+
+
+def test_saved_sae_reproduces_its_reconstruction(tmp_path):
+    cfg = HarvestConfig(model="tiny", dataset=write_texts(tmp_path / "t.jsonl"), tokens=512,
+                        ctx=32)
+    cache = harvest(cfg, root=tmp_path / "c", model=tiny_model(), tokenizer=CharTokenizer(61),
+                    progress=False)
+    spec = SAESpec("groups/L01-L02", "groups", [1, 2], 64)
+    trainer = Trainer([spec], cache, TrainConfig(k=4, batch=128), "tiny")
+    trainer.fit(progress=False)
+    assert trainer.step == 4
+    trainer.saes[0].save(tmp_path / "sae")
+    back = GroupSAE.load(tmp_path / "sae")
+    x = next(cache.iter_shards([2]))[2].float()
+    assert torch.equal(back(x, layer=2).recon, trainer.saes[0](x, layer=2).recon)
+    assert back.scales.tolist() == pytest.approx([cache.scales[1], cache.scales[2]])
+
+
+_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import lgsae.train as T
+real = T.Trainer.train_batch
+def dying(self, batch):
+    if self.step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, batch)
+T.Trainer.train_batch = dying
+T.main({argv!r})
+"""
+
+
+def test_resume_after_sigkill_gives_identical_weights(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
+    argv = flags(tiny, tmp_path / "killed")
+    child = _CHILD.format(tests=str(Path(__file__).parent), argv=argv)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "killed" / "checkpoints").glob("step_*")] == ["step_000004"]
+    main(flags(tiny, tmp_path / "killed", "--resume"))
+    main(flags(tiny, tmp_path / "clean"))
+    a = sorted((tmp_path / "killed" / "saes").rglob("sae.safetensors"))
+    b = sorted((tmp_path / "clean" / "saes").rglob("sae.safetensors"))
+    assert [p.relative_to(tmp_path / "killed") for p in a] == \
+        [p.relative_to(tmp_path / "clean") for p in b] and a
+    for x, y in zip(a, b):
+        assert x.read_bytes() == y.read_bytes(), x
+
+
+def test_existing_run_folder_is_never_overwritten_silently(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="pass --resume to continue it or --overwrite"):
+        main(flags(tiny, out))
+    assert (out / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match=r"other flags \(\['k'\]\)|other flags"):
+        (out / "run.json").write_text(json.dumps({"k": 99}))
+        main(flags(tiny, out, "--resume"))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        main(flags(tiny, tmp_path / "fresh", "--resume"))
+
+
+@pytest.mark.parametrize("extra, exc, match", [
+    (["--k", "80"], ValueError, r"k=80 must be in \[1, 64\]"),
+    (["--groups", "0-2;3-9"], ValueError, r"unknown layers \[5, 6, 7, 8, 9\]"),
+    (["--groups", "0-1;1-3"], ValueError, "each layer once"),
+    (["--baselines", "per-layer,bogus"], ValueError, r"--baselines: unknown \['bogus'\]"),
+])
+def test_bad_flags_give_one_clear_error(tiny, tmp_path, monkeypatch, extra, exc, match):
+    monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
+    with pytest.raises(exc, match=match):
+        main(flags(tiny, tmp_path / "run", *extra))
+
+
+def test_nan_in_a_batch_names_layer_and_step(tmp_path):
+    cfg = HarvestConfig(model="tiny", dataset=write_texts(tmp_path / "t.jsonl"), tokens=256,
+                        ctx=32)
+    cache = harvest(cfg, root=tmp_path / "c", model=tiny_model(), tokenizer=CharTokenizer(61),
+                    progress=False)
+    trainer = Trainer([SAESpec("per-layer/L02", "per-layer", [2], 64)], cache,
+                      TrainConfig(k=4, batch=64), "tiny")
+    batch = {2: torch.randn(64, 32)}
+    trainer.train_batch(batch)
+    batch[2][7, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite activations at layer 2 in step 1"):
+        trainer.train_batch(batch)
+
+
+def test_width_mismatch_is_one_clear_error(tmp_path):
+    from lgsae.evaluate import reconstruction_metrics
+
+    cfg = HarvestConfig(model="tiny", dataset=write_texts(tmp_path / "t.jsonl"), tokens=64,
+                        ctx=32)
+    cache = harvest(cfg, root=tmp_path / "c", model=tiny_model(), tokenizer=CharTokenizer(61),
+                    progress=False)
+    with pytest.raises(ValueError, match="input width 32 does not match the SAE's d_in=16"):
+        reconstruction_metrics({"x": {1: GroupSAE(16, k=2, num_latents=8, layers=[1])}}, cache)
