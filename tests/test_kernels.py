@@ -1,4 +1,4 @@
-"""Triton launchers (sparse_decode, decoder_norm) against their `lgsae.reference` twins.
+"""Triton launchers (topk_encode, sparse_decode, decoder_norm) vs their `lgsae.reference` twins.
 
 CPU: the kernels run in Triton's interpreter (DESIGN §6), fp32 and fp16 (the interpreter gets bf16
 wrong). GPU (marker `gpu`): the compiled kernels, bf16 included, up to the paper's shape.
@@ -28,10 +28,12 @@ from lgsae import reference  # noqa: E402
 triton = pytest.importorskip("triton")
 from lgsae.kernels import decoder_norm as NORM  # noqa: E402
 from lgsae.kernels import sparse_decode as DECODE  # noqa: E402
+from lgsae.kernels import topk_encode as ENCODE  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 KERNELS = [DECODE._decode_fwd_kernel, DECODE._decode_dacts_kernel, DECODE._decode_dw_kernel,
-           NORM._project_grad_kernel, NORM._renorm_kernel]
+           NORM._project_grad_kernel, NORM._renorm_kernel, ENCODE._topk_encode_kernel,
+           ENCODE._segment_sum_kernel]
 # triton's own helpers (tl.sum) must be interpreted too, not only our kernels
 INTERPRETED = all(isinstance(f, InterpretedFunction) for f in KERNELS + [triton.language.sum])
 interpreter = pytest.mark.skipif(
@@ -195,3 +197,185 @@ def test_sparse_decode_cuda(shape, dtype):
                          ids=lambda s: "x".join(map(str, s)))
 def test_decoder_norm_cuda(shape, dtype):
     norm_case(NORM, *shape, dtype, device="cuda")
+
+
+def make_dead(M, kind, device="cpu"):
+    if kind == "none":
+        return None
+    if kind == "all":
+        return torch.ones(M, dtype=torch.bool, device=device)
+    dead = torch.zeros(M, dtype=torch.bool, device=device)
+    n = {"few": 2, "some": max(1, M // 3), "1pct": max(1, M // 100)}[kind]
+    dead[torch.randperm(M, device=device)[:n]] = True
+    return dead
+
+
+def check_selection(name, acts, idx, pre64, allowed, atol):
+    """acts/idx[N, J] must be a valid top-J of ReLU(pre64) over the `allowed` latents: distinct
+    allowed ids, acts = ReLU(pre) there, and the smallest chosen ≥ every unchosen allowed one.
+    Indices may legitimately differ from the reference's where values tie."""
+    N, J = idx.shape
+    if J == 0:
+        return
+    assert idx.dtype == torch.int64
+    s = idx.sort(1).values
+    assert bool((s[:, 1:] != s[:, :-1]).all()), f"{name}: a latent chosen twice in one row"
+    assert bool(allowed[idx].all()), f"{name}: chose a latent outside the allowed set"
+    relu64 = pre64.relu()
+    assert_close(acts, relu64.gather(1, idx), atol=atol, name=f"{name} vs fp64 pre at its indices")
+    rest = relu64.masked_fill(~allowed, -torch.inf).scatter(1, idx, -torch.inf)
+    worst_chosen = acts.double().min(1).values
+    gap = (rest.max(1).values - worst_chosen).max().item()
+    assert gap <= atol, f"{name}: an unchosen latent beats the k-th chosen by {gap:.3g}"
+
+
+def encode_case(mod, N, D, M, k, dead_kind, k_aux, hot, dtype, device="cpu"):
+    x = torch.randn(N, D, device=device).to(dtype)
+    W = (torch.randn(M, D, device=device) / D**0.5).to(dtype)
+    b_enc = 0.1 * torch.randn(M, device=device)
+    if hot:  # one latent chosen by every token: one long segment in the backward
+        b_enc[M // 2] = 50.0
+    b_enc, b_dec = b_enc.to(dtype), (0.1 * torch.randn(D, device=device)).to(dtype)
+    dead = make_dead(M, dead_kind, device)
+    args = (x, W, b_enc, b_dec, k, dead, k_aux)
+    args64 = tuple(t.double() for t in args[:4]) + args[4:]
+    out = mod.topk_encode(*args)
+    ref, ref64 = reference.topk_encode(*args), reference.topk_encode(*args64)
+    for got, want, field in zip(out, ref, out._fields):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), (
+            f"{field}: {tuple(got.shape)} {got.dtype} != reference {tuple(want.shape)} "
+            f"{want.dtype}")
+    pre64 = (x.double() - b_dec.double()) @ W.double().t() + b_enc.double()
+    for acts, idx, allowed, field in (
+        (out.top_acts, out.top_indices, torch.ones(M, dtype=torch.bool, device=device), "top"),
+        (out.aux_acts, out.aux_indices, dead, "aux"),
+    ):
+        r = getattr(ref, f"{field}_acts").sort(1, descending=True).values
+        r64 = getattr(ref64, f"{field}_acts").sort(1, descending=True).values
+        srt = acts.sort(1, descending=True).values
+        check_vs_reference(f"{field}_acts sorted", srt, r, r64)
+        atol = 2 * ((r.double() - r64).abs().max().item() if r.numel() else 0.0)
+        atol += 4 * torch.finfo(dtype).eps * max(1.0, pre64.abs().max().item())
+        check_selection(field, acts, idx, pre64.to(device), allowed, atol)
+
+    # backward at the chosen entries, top and AuxK together as lgsae.ops passes them
+    idx = torch.cat([out.top_indices, out.aux_indices], 1)
+    g = torch.randn(idx.shape, device=device).to(dtype)
+    xc = x - b_dec
+    got = mod.topk_encode_backward(xc, W, idx, g, need_x_grad=True)
+    want = reference.topk_encode_backward(xc, W, idx, g, True)
+    want64 = reference.topk_encode_backward(xc.double(), W.double(), idx, g.double(), True)
+    for name, a, b, c in zip(("dxc", "dW_enc", "db_enc"), got, want, want64):
+        check_vs_reference(name, a, b, c)
+    assert mod.topk_encode_backward(xc, W, idx, g)[0] is None
+    return out
+
+
+# (N, D, M, k, dead, k_aux, hot): D=48, M=100 and 37 (not a multiple of any block), K=1, K=M,
+# N=1, every token picking the same latent, no / some / all dead, fewer dead than k_aux.
+ENCODE_SHAPES = [
+    (7, 48, 100, 5, "none", 0, False),
+    (1, 48, 37, 1, "some", 4, False),
+    (3, 48, 37, 37, "all", 8, False),
+    (9, 48, 100, 3, "few", 6, True),
+    (17, 48, 100, 20, "some", 17, False),
+]
+
+
+@pytest.fixture
+def small_encode_tiles(monkeypatch):
+    """The interpreter pays per element of every sort stage (its reductions loop in Python): run
+    the same kernel with the smallest tiles tl.dot takes. One test keeps the real heuristic."""
+    def small(D, KP, KA=0):
+        return {"BLOCK_N": 16, "BLOCK_M": max(KP, KA, 16), "BLOCK_D": 32, "num_warps": 4}
+    monkeypatch.setattr(ENCODE, "block_config", small)
+
+
+@interpreter
+@pytest.mark.parametrize("shape", ENCODE_SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_topk_encode_matches_reference(shape, dtype, small_encode_tiles):
+    encode_case(ENCODE, *shape, dtype)
+
+
+@interpreter
+def test_topk_encode_heuristic_tiles():
+    cfg = ENCODE.block_config(48, ENCODE.candidate_width(20), ENCODE.candidate_width(10))
+    assert cfg["BLOCK_M"] >= 32 and cfg["BLOCK_N"] >= 16
+    encode_case(ENCODE, 5, 48, 64, 20, "some", 10, False, torch.float32)  # one 64-latent tile
+
+
+@interpreter
+def test_topk_encode_wide_k_falls_back(monkeypatch, small_encode_tiles):
+    """Past MAX_FUSED_K the launcher uses the reference in row chunks (top-k), or the fused top-k
+    plus the reference on the dead latents' rows (AuxK): still the right answer."""
+    monkeypatch.setattr(ENCODE, "MAX_FUSED_K", 16)
+    monkeypatch.setattr(ENCODE, "FALLBACK_ELEMENTS", 250)  # 2 rows per chunk at M=100
+    encode_case(ENCODE, 5, 48, 100, 20, "some", 10, False, torch.float32)  # top-k too wide
+    out = encode_case(ENCODE, 5, 48, 100, 3, "some", 20, False, torch.float32)  # only AuxK too wide
+    assert out.aux_acts.shape == (5, 20)
+    x, W = torch.randn(3, 48, dtype=torch.float64), torch.randn(37, 48, dtype=torch.float64)
+    b, bd = torch.randn(37, dtype=torch.float64), torch.zeros(48, dtype=torch.float64)
+    got, want = ENCODE.topk_encode(x, W, b, bd, 4), reference.topk_encode(x, W, b, bd, 4)
+    assert_close(got.top_acts.sort(1).values, want.top_acts.sort(1).values, atol=1e-12,
+                 name="fp64 (reference path)")
+
+
+@interpreter
+def test_topk_encode_rejects_bad_inputs():
+    x, W, b, bd = torch.randn(2, 48), torch.randn(37, 48), torch.zeros(37), torch.zeros(48)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 37\]"):
+        ENCODE.topk_encode(x, W, b, bd, 38)
+    with pytest.raises(ValueError, match="contiguous"):
+        ENCODE.topk_encode(x, torch.randn(48, 37).t(), b, bd, 3)
+    with pytest.raises(ValueError, match="one float dtype"):
+        ENCODE.topk_encode(x.half(), W, b, bd, 3)
+    with pytest.raises(ValueError, match="bool"):
+        ENCODE.topk_encode(x, W, b, bd, 3, torch.zeros(37), 4)
+
+
+# the paper's shape (N=16384, D=768, M=12288, K=32 and 128) with 1% dead (AuxK fused) and a third
+# dead (k_aux=384 > MAX_FUSED_K: AuxK on the reference path); K=300 (top-k on the reference path)
+PAPER_ENCODE_SHAPES = [
+    (16384, 768, 12288, 32, "1pct", 384, False),
+    (16384, 768, 12288, 128, "1pct", 384, False),
+    (16384, 768, 12288, 32, "some", 384, False),
+    (4096, 576, 9216, 32, "none", 0, True),
+    (64, 48, 1000, 300, "some", 20, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", ENCODE_SHAPES + PAPER_ENCODE_SHAPES,
+                         ids=lambda s: "-".join(map(str, s)))
+def test_topk_encode_cuda(shape, dtype):
+    out = encode_case(ENCODE, *shape, dtype, device="cuda")
+    # sort + segment reductions: no atomics, so two backward runs agree bit for bit
+    idx = out.top_indices
+    g = torch.randn(idx.shape, device="cuda").to(dtype)
+    W = torch.randn(shape[2], shape[1], device="cuda").to(dtype)
+    xc = torch.randn(shape[0], shape[1], device="cuda").to(dtype)
+    first, second = (ENCODE.topk_encode_backward(xc, W, idx, g) for _ in range(2))
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [32, 128])
+def test_topk_encode_cuda_never_writes_pre(k):
+    """The fused forward's extra memory is its outputs: far below the N×M×4 bytes of pre."""
+    N, D, M = 16384, 768, 12288
+    x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
+    W = (torch.randn(M, D, device="cuda") / D**0.5).to(torch.bfloat16)
+    b_enc = torch.zeros(M, device="cuda", dtype=torch.bfloat16)
+    b_dec = torch.zeros(D, device="cuda", dtype=torch.bfloat16)
+    dead = make_dead(M, "1pct", "cuda")
+    ENCODE.topk_encode(x, W, b_enc, b_dec, k, dead, 384)  # compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = ENCODE.topk_encode(x, W, b_enc, b_dec, k, dead, 384)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert out.aux_acts.shape[1] == int(dead.sum())
+    assert extra < N * M * 4 / 10, f"{extra / 2**20:.0f} MiB extra: pre-activations materialized?"

@@ -27,7 +27,7 @@ def kernel_jobs():
     launchers' block_config heuristics choose over WIDTHS × DTYPES, as the launchers call them."""
     import torch
     import triton.language as tl
-    from lgsae.kernels import decoder_norm, sparse_decode
+    from lgsae.kernels import decoder_norm, sparse_decode, topk_encode
 
     acc = tl.float32  # fp64 inputs switch ACC to fp64; not a training dtype, not compiled here
     jobs = {}
@@ -58,6 +58,7 @@ def kernel_jobs():
             ):
                 jobs[(fn.__name__, label, dt, D % 16 == 0)] = (
                     fn, types, {"ACC": acc, **consts, **extra}, c["num_warps"], label)
+    _topk_encode_jobs(topk_encode, jobs)
     out = []
     for (_, _, dt, d16), (fn, types, consts, warps, label) in jobs.items():
         names = fn.arg_names
@@ -69,6 +70,36 @@ def kernel_jobs():
         label = f"{label} {dt}" + (" D%16" if d16 else "")
         out.append((fn, signature, consts, attrs, warps, label))
     return out
+
+
+def _topk_encode_jobs(mod, jobs):
+    """The fused encoder at every (KP, KA) its launcher can pick (KA = 0: no AuxK set, else
+    KA ≥ KP) and every dtype, plus db_enc's segment sum. D only sets BLOCK_D, so it is looped over
+    WIDTHS like the other kernels."""
+    import triton.language as tl
+
+    widths = []
+    w = mod.MIN_WIDTH
+    while w <= mod.MAX_FUSED_K:
+        widths.append(w)
+        w *= 2
+    for D in WIDTHS:
+        for KP in widths:
+            for KA in [0] + [w for w in widths if w >= KP]:
+                c = mod.block_config(D, KP, KA)
+                blocks = {k: c[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D")}
+                label = (f"KP={KP} KA={KA} BN={c['BLOCK_N']} BM={c['BLOCK_M']} "
+                         f"BD={c['BLOCK_D']} w={c['num_warps']}")
+                for dt in DTYPES:
+                    p = f"*{dt}"
+                    types = [p, p, p, p, "*u8", p, "*i64", p, "*i64"] + ["i32"] * 5
+                    consts = {"KP": KP, "KA": max(KA, 1), "HAS_AUX": KA > 0, **blocks}
+                    jobs[(mod._topk_encode_kernel.__name__, label, dt, D % 16 == 0)] = (
+                        mod._topk_encode_kernel, types, consts, c["num_warps"], label)
+    for dt in DTYPES:
+        jobs[(mod._segment_sum_kernel.__name__, "", dt, False)] = (
+            mod._segment_sum_kernel, [f"*{dt}", "*i64", "*i64", f"*{dt}"],
+            {"ACC": tl.float32, "BLOCK_P": mod.SEGMENT_BLOCK}, 1, f"BP={mod.SEGMENT_BLOCK} w=1")
 
 
 def compile_and_measure(job, arch):
@@ -119,10 +150,10 @@ def test_every_kernel_config_compiles_without_spills(capsys):
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     rows, total = lines[:-1], lines[-1]["total"]
     assert len(rows) == total > 0
-    head = (f"{'kernel':22} {'config':38} {'arch':6} {'regs':>4} {'smem dyn':>8} "
+    head = (f"{'kernel':22} {'config':50} {'arch':6} {'regs':>4} {'smem dyn':>8} "
             f"{'smem static':>11} {'stack':>5} {'local':>5}")
     table = [head] + [
-        f"{r['kernel']:22} {r['config']:38} {r['arch']:6} {r['reg']:4d} {r['smem_dyn']:8d} "
+        f"{r['kernel']:22} {r['config']:50} {r['arch']:6} {r['reg']:4d} {r['smem_dyn']:8d} "
         f"{r['smem_static']:11d} {r['stack']:5d} {r['local']:5d}" for r in rows
     ]
     with capsys.disabled():

@@ -1,0 +1,311 @@
+"""TopK encode: ReLU((x − b_dec)·W_encᵀ + b_enc).topk(k) per row, fused with the encoder GEMM so the
+N×M pre-activations never reach global memory (DESIGN §4), and its sparse backward.
+
+Forward design. A program owns BLOCK_N rows and sweeps all M latents in BLOCK_M tiles; each
+[BLOCK_N, BLOCK_M] pre tile is a `tl.dot` over D in BLOCK_D chunks with fp32 accumulation (b_dec is
+subtracted from the x chunk as it is loaded, b_enc added after; fp32 inputs use exact "ieee"
+products, like torch's default). Each pre value is packed with its latent id into one int64 key:
+the fp32 bits made monotone (negative floats get their 31 low bits flipped, so signed-int order is
+float order) in the high word, the id in the low word. A sort of keys therefore carries the index
+along, and keys are unique (equal values: the larger id wins). The running top-K of each row is a
+[BLOCK_N, KP] key tile kept sorted ascending (KP = next power of two ≥ max(k, 16); padding is the
+smallest int64). Per tile, `tl.topk(keys, KP)` gives the tile's best KP sorted descending; the
+elementwise max of an ascending and a descending sorted list is a bitonic list holding the top KP
+of their union, and `tl.bitonic_merge` sorts it again in log2(KP) compare-exchange rounds (the
+bitonic top-k of Shanbhag et al., "Efficient Top-K Query Processing on Massively Parallel
+Hardware", which tl.topk itself uses). With a dead mask and k_aux > 0 a second running set of
+KA ≥ KP keys takes the same tile with live latents replaced by padding. ReLU is monotone, so it is
+applied to the chosen values at the store, as in the reference. Outputs come sorted descending.
+tl.topk and tl.bitonic_merge exist, unchanged, in triton 3.6 and 3.7.
+
+Limits, never silent: the fused kernel holds max(KP, KA) ≤ MAX_FUSED_K (256) keys per row in
+registers. Larger k runs the reference (cuBLAS GEMM + torch.topk) in row chunks, so its N×M buffer
+is bounded to about FALLBACK_ELEMENTS; a larger min(k_aux, #dead) keeps the fused top-k and runs
+the AuxK selection that way on the dead latents' rows of W_enc only. fp64 inputs (gradient checks)
+run the reference: an fp64 value does not fit the packed key. NaN pre-activations are not ranked
+as torch ranks them.
+
+Backward: d(pre) is non-zero only at the chosen entries. dW_enc[m] = Σ_{(n,j): idx=m} g[n,j]·xc[n]
+is dW_dec of `sparse_decode` with acts → grad_pre and grad_out → xc, so it reuses that module's
+sorted-segment kernel (deterministic, no atomics); db_enc is the same segment sum of g alone, over
+the same order; dxc = sparse_decode(idx, g, W_enc).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+from lgsae.kernels import sparse_decode as _decode
+from torch import Tensor
+from triton.runtime.errors import OutOfResources
+
+from lgsae import reference
+from lgsae.reference import EncodeOut
+
+MAX_FUSED_K = 256  # largest KP (and KA) the fused kernel keeps in registers without spilling
+MIN_WIDTH = 16  # smallest KP / KA compiled
+FALLBACK_ELEMENTS = 1 << 26  # pre-activations per row chunk on the fallback path (256 MB fp32)
+SEGMENT_BLOCK = 32  # pairs per step of the db_enc segment sum (one warp)
+_EMPTY = tl.constexpr(-(2**63))  # padding key: below every packed pre-activation
+
+
+@triton.jit
+def _pack(pre, offs_m):
+    """fp32 [BN, BM] values and int64 [BM] latent ids -> int64 keys ordered by (value, id)."""
+    bits = pre.to(tl.int32, bitcast=True)
+    mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (mono.to(tl.int64) << 32) | offs_m[None, :]
+
+
+@triton.jit
+def _merge(run, keys, KP: tl.constexpr):
+    """run: [BN, KP] sorted ascending; keys: [BN, BM ≥ KP] -> top KP of both, sorted ascending."""
+    best = tl.topk(keys, KP)  # [BN, KP] descending
+    return tl.bitonic_merge(tl.maximum(run, best), descending=False)
+
+
+@triton.jit
+def _store_top(run, rows, mask_n, acts_ptr, idx_ptr, K, KP: tl.constexpr):
+    """Write the K largest keys of `run` (ascending) as descending values (ReLU'd) and ids."""
+    j = KP - 1 - tl.arange(0, KP)  # output slot of each column
+    hi = (run >> 32).to(tl.int32)
+    vals = tl.where(hi < 0, hi ^ 0x7FFFFFFF, hi).to(tl.float32, bitcast=True)
+    ids = (run << 32) >> 32  # the low word; ids < 2**31, so sign extension keeps them
+    mask = mask_n[:, None] & (j < K)[None, :]
+    offs = rows[:, None] * K + j[None, :]
+    tl.store(acts_ptr + offs, tl.maximum(vals, 0.0).to(acts_ptr.dtype.element_ty), mask=mask)
+    tl.store(idx_ptr + offs, ids, mask=mask)
+
+
+@triton.jit
+def _topk_encode_kernel(
+    x_ptr,  # [N, D] float
+    w_ptr,  # [M, D] float, same dtype as x
+    b_enc_ptr,  # [M] float
+    b_dec_ptr,  # [D] float
+    dead_ptr,  # [M] uint8, 1 = dead (read only if HAS_AUX)
+    top_acts_ptr,  # [N, K] dtype of x
+    top_idx_ptr,  # [N, K] int64
+    aux_acts_ptr,  # [N, K_AUX] dtype of x
+    aux_idx_ptr,  # [N, K_AUX] int64
+    N,
+    M,
+    D,
+    K,
+    K_AUX,
+    KP: tl.constexpr,  # next power of two >= K
+    KA: tl.constexpr,  # next power of two >= K_AUX (1 when not HAS_AUX)
+    HAS_AUX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rows < N
+    top = tl.full([BLOCK_N, KP], _EMPTY, tl.int64)
+    aux = tl.full([BLOCK_N, KA], _EMPTY, tl.int64)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < M
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            x = tl.load(x_ptr + rows[:, None] * D + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0)
+            b = tl.load(b_dec_ptr + offs_d, mask=mask_d, other=0).to(tl.float32)
+            # rounded to the input dtype before the product, as torch's `x - b_dec` is
+            xc = (x.to(tl.float32) - b[None, :]).to(x.dtype)
+            w = tl.load(w_ptr + offs_m[None, :] * D + offs_d[:, None],  # [BLOCK_D, BLOCK_M]
+                        mask=mask_d[:, None] & mask_m[None, :], other=0)
+            # fp32 inputs: exact products, as torch's default (no TF32) reference
+            acc = tl.dot(xc, w, acc, input_precision="ieee")
+        acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0).to(tl.float32)[None, :]
+        keys = tl.where(mask_m[None, :], _pack(acc, offs_m), _EMPTY)
+        top = _merge(top, keys, KP)
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + offs_m, mask=mask_m, other=0) != 0
+            aux = _merge(aux, tl.where(dead[None, :], keys, _EMPTY), KA)
+    _store_top(top, rows, mask_n, top_acts_ptr, top_idx_ptr, K, KP)
+    if HAS_AUX:
+        _store_top(aux, rows, mask_n, aux_acts_ptr, aux_idx_ptr, K_AUX, KA)
+
+
+@triton.jit
+def _segment_sum_kernel(
+    vals_ptr,  # [N*J] float: grad at the chosen entries, flat
+    order_ptr,  # [N*J] int64: flat pair ids sorted by latent
+    starts_ptr,  # [M + 1] int64: latent m owns order[starts[m]:starts[m+1]]
+    out_ptr,  # [M] dtype of W_enc
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    m = tl.program_id(0).to(tl.int64)
+    start = tl.load(starts_ptr + m)
+    end = tl.load(starts_ptr + m + 1)
+    acc = tl.zeros([BLOCK_P], dtype=ACC)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < end
+        pair = tl.load(order_ptr + offs_p, mask=mask_p, other=0)
+        acc += tl.load(vals_ptr + pair, mask=mask_p, other=0).to(ACC)
+    tl.store(out_ptr + m, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
+
+
+def candidate_width(k: int) -> int:
+    """Keys kept per row for a top-k: the next power of two ≥ k (tl.topk needs one), at least
+    MIN_WIDTH so that few distinct kernels exist (tests/test_kernels_aot.py compiles them all)."""
+    return max(triton.next_power_of_2(k), MIN_WIDTH)
+
+
+def block_config(D: int, KP: int, KA: int = 0) -> dict:
+    """Tiles for the fused forward from the candidate widths KP and KA (0: no AuxK set).
+
+    A tile must hold at least max(KP, KA) latents for tl.topk. Registers per thread grow with
+    BLOCK_N·(BLOCK_M + 2·KP + 2·KA) (fp32 tile, int64 keys), so BLOCK_N shrinks as K grows; every
+    config here compiles for sm_80/sm_90 without spills (tests/test_kernels_aot.py). BLOCK_D = 64
+    keeps the two dot operands in about 40–70 KB of shared memory with the default 3 stages.
+    """
+    kmax = max(KP, KA)
+    if kmax > MAX_FUSED_K:
+        raise ValueError(f"max(KP, KA) = {kmax} exceeds MAX_FUSED_K = {MAX_FUSED_K}")
+    block_n = 64 if kmax <= 32 else 32 if kmax <= 128 else 16
+    return {"BLOCK_N": block_n, "BLOCK_M": max(kmax, 64),
+            "BLOCK_D": min(max(triton.next_power_of_2(D), 16), 64), "num_warps": 8}
+
+
+def _check(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dead_mask: Tensor | None):
+    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"x must be [N, D] and W_enc [M, D]; got {tuple(x.shape)}, "
+                         f"{tuple(W_enc.shape)}")
+    M, D = W_enc.shape
+    if b_enc.shape != (M,) or b_dec.shape != (D,):
+        raise ValueError(f"b_enc must be [M] = [{M}] and b_dec [D] = [{D}]; got "
+                         f"{tuple(b_enc.shape)}, {tuple(b_dec.shape)}")
+    if not x.is_floating_point() or len({x.dtype, W_enc.dtype, b_enc.dtype, b_dec.dtype}) != 1:
+        raise ValueError(f"x, W_enc, b_enc, b_dec must share one float dtype (cast the input "
+                         f"to the SAE's dtype); got {x.dtype}, {W_enc.dtype}, {b_enc.dtype}, "
+                         f"{b_dec.dtype}")
+    for name, t in (("x", x), ("b_enc", b_enc), ("b_dec", b_dec), ("dead_mask", dead_mask)):
+        if t is not None and t.device != W_enc.device:
+            raise ValueError(f"{name} is on {t.device} but W_enc on {W_enc.device}: move it")
+    if not W_enc.is_contiguous():
+        raise ValueError("W_enc must be contiguous (call .contiguous() once after loading)")
+    if dead_mask is not None and (dead_mask.dtype != torch.bool or dead_mask.shape != (M,)):
+        raise ValueError(f"dead_mask must be a bool [M] = [{M}] tensor; got {dead_mask.dtype} "
+                         f"{tuple(dead_mask.shape)}")
+
+
+def _reference_by_rows(x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0) -> EncodeOut:
+    """reference.topk_encode over row chunks, so its N×M buffer stays near FALLBACK_ELEMENTS."""
+    step = max(1, FALLBACK_ELEMENTS // max(W_enc.shape[0], 1))
+    if x.shape[0] <= step:
+        return reference.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    parts = [reference.topk_encode(x[i:i + step], W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+             for i in range(0, x.shape[0], step)]
+    return EncodeOut(*(torch.cat(ts) for ts in zip(*parts)))
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> EncodeOut:
+    """topk_encode(x[N,D], W_enc[M,D], b_enc[M], b_dec[D], k) -> EncodeOut, values descending.
+
+    Equals `ReLU((x - b_dec) @ W_enc.T + b_enc).topk(k)` (indices may differ only at ties). With
+    `dead_mask[M]` (bool) and `k_aux > 0`, also the top-min(k_aux, #dead) among the dead latents,
+    as `lgsae.reference.topk_encode`. All inputs share one dtype; products accumulate in fp32.
+    """
+    _check(x, W_enc, b_enc, b_dec, dead_mask)
+    N, D = x.shape
+    M = W_enc.shape[0]
+    if not 1 <= k <= M:
+        raise ValueError(f"k must be in [1, {M}] (the number of latents), got {k}")
+    kk = 0
+    if dead_mask is not None and k_aux > 0:
+        kk = min(k_aux, int(dead_mask.sum()))  # one host sync: the output shape depends on it
+    # the AuxK set is never narrower than the top-k one: half as many kernels to compile, and a
+    # narrower set would save little next to the top-k merge of the same tile
+    KP = candidate_width(k)
+    KA = max(candidate_width(kk), KP) if kk > 0 else 0
+    if x.dtype == torch.float64 or KP > MAX_FUSED_K:
+        return _reference_by_rows(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    fused_aux = 0 < KA <= MAX_FUSED_K
+    x, b_enc, b_dec = x.contiguous(), b_enc.contiguous(), b_dec.contiguous()
+    top_acts = torch.empty(N, k, dtype=x.dtype, device=x.device)
+    top_idx = torch.empty(N, k, dtype=torch.int64, device=x.device)
+    aux_acts = torch.empty(N, kk if fused_aux else 0, dtype=x.dtype, device=x.device)
+    aux_idx = torch.empty(N, kk if fused_aux else 0, dtype=torch.int64, device=x.device)
+    if N > 0:
+        KA = KA if fused_aux else 0
+        cfg = block_config(D, KP, KA)
+        # the kernel reads dead_ptr only under HAS_AUX; any tensor fills the slot otherwise
+        dead = dead_mask.contiguous().view(torch.uint8) if fused_aux else top_idx
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+        try:
+            _topk_encode_kernel[grid](
+                x, W_enc, b_enc, b_dec, dead, top_acts, top_idx, aux_acts, aux_idx,
+                N, M, D, k, kk, KP=KP, KA=max(KA, 1), HAS_AUX=fused_aux, **cfg,
+            )
+        except OutOfResources as e:
+            # e.g. fp32 with KA=256 wants ~144 KB of shared memory: sm_80/sm_90 have it, sm_86/89
+            # (~100 KB) do not. Correct results on the unfused path beat a crash.
+            warnings.warn(f"topk_encode: fused kernel does not fit this GPU ({e}); using the "
+                          "chunked reference path for this configuration", stacklevel=2)
+            return _reference_by_rows(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    if kk > 0 and not fused_aux:  # AuxK too wide for registers: reference on the dead rows only
+        dead_ids = dead_mask.nonzero().squeeze(1)
+        aux_acts, j = _reference_by_rows(x, W_enc[dead_ids], b_enc[dead_ids], b_dec, kk)[:2]
+        aux_idx = dead_ids[j]
+    return EncodeOut(top_acts, top_idx, aux_acts, aux_idx)
+
+
+def topk_encode_backward(
+    xc: Tensor, W_enc: Tensor, indices: Tensor, grad_pre: Tensor, need_x_grad: bool = False
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Encoder gradients from the gradient at the chosen pre-activations.
+
+    xc[N,D] = x − b_dec, indices[N,J] int64, grad_pre[N,J] (zero where ReLU was inactive) ->
+    (dxc[N,D] in xc's dtype or None, dW_enc[M,D], db_enc[M] in W_enc's dtype). Equals autograd of
+    `pre = xc @ W_enc.T + b_enc` with d(pre) = zeros(N, M).scatter_add(1, indices, grad_pre):
+    dW_enc = d(pre).T @ xc, db_enc = d(pre).sum(0), dxc = d(pre) @ W_enc, without forming d(pre).
+    """
+    M, D = W_enc.shape
+    if xc.dim() != 2 or xc.shape[1] != D or indices.shape[0] != xc.shape[0]:
+        raise ValueError(f"xc must be [N, D] with D = {D} and indices [N, J]; got "
+                         f"{tuple(xc.shape)}, {tuple(indices.shape)}")
+    xc, grad_pre = xc.contiguous(), grad_pre.contiguous()
+    _decode._check(indices, grad_pre, W_enc)  # shapes, int64, device, contiguous W_enc
+    indices = indices.contiguous()
+    N, J = indices.shape
+    if N * J == 0 or D == 0:
+        dW, db = torch.zeros_like(W_enc), W_enc.new_zeros(M)
+    else:
+        flat = indices.reshape(-1)
+        # stable: the summation order inside a latent is fixed, so runs are bit-identical
+        order = torch.argsort(flat, stable=True)
+        starts = torch.zeros(M + 1, dtype=torch.int64, device=W_enc.device)
+        torch.cumsum(torch.bincount(flat, minlength=M), 0, out=starts[1:])
+        cfg = _decode.block_config(D)
+        acc = _decode._acc(W_enc.dtype)
+        dW = torch.empty_like(W_enc)
+        _decode._decode_dw_kernel[(M, triton.cdiv(D, cfg["BLOCK_D"]))](
+            xc, grad_pre, order, starts, dW, J, D, ACC=acc,
+            BLOCK_P=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
+        db = torch.empty(M, dtype=W_enc.dtype, device=W_enc.device)
+        _segment_sum_kernel[(M,)](grad_pre, order, starts, db, ACC=acc, BLOCK_P=SEGMENT_BLOCK,
+                                  num_warps=1)
+    dxc = None
+    if need_x_grad:
+        dxc = _decode.sparse_decode(indices, grad_pre.to(W_enc.dtype), W_enc).to(xc.dtype)
+    return dxc, dW, db
+
