@@ -170,6 +170,11 @@ class ActivationCache:
         return self.manifest["d_model"]
 
     @property
+    def harvest_seconds(self) -> float:
+        """Wall-clock seconds the harvest took when it was computed (0 if unrecorded)."""
+        return float(sum(self.manifest.get("seconds", [])))
+
+    @property
     def scales(self) -> dict[int, float]:
         """Per-layer factor that brings activations to unit mean norm: 1 / E‖x‖."""
         return {v: 1.0 / n for v, n in zip(self.layers, self.manifest["mean_norm"])}
@@ -257,6 +262,7 @@ def harvest(cfg: HarvestConfig, *, device: str | torch.device = "cpu", batch_siz
             t0 = time.perf_counter()
             acts = _run_shard(cap, ids, layers, batch_size, device, store)
             manifest["shards"].append(_write_shard(root, s, ids, acts, layers, s * per))
+            manifest.setdefault("seconds", []).append(time.perf_counter() - t0)
             _write_json_atomic(root / MANIFEST, manifest)
             bar.update(ids.numel())
             bar.set_postfix(tok_per_s=f"{ids.numel() / (time.perf_counter() - t0):.0f}")

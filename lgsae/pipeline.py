@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--layers", default="all", help="blocks: all, 0-29, 0,2,4")
     a("--expansion", type=int, default=8, help="latents = expansion × model width")
     a("--k", type=int, default=32, help="active latents per token")
-    a("--batch", type=int, default=1024, help="tokens per training step")
+    a("--batch", type=int, default=256, help="tokens per training step")
     a("--lr", type=float, default=None, help="learning rate (default: 2e-4/sqrt(M/2^14))")
     a("--groups", default="auto",
       help="auto (Ĝ by the AMAD rule), a number G, or explicit groups like '0-8;9-10;11-28'")
@@ -128,13 +127,12 @@ def run(a: argparse.Namespace) -> dict:
     model = load_model(a.model, dtype=dtype, device=a.device)
     tok = load_tokenizer(a.model)
 
-    t0 = time.perf_counter()
     hk = dict(model=a.model, dataset=a.dataset, text_column=a.text_column, ctx=a.ctx,
               layers=parse_layers(a.layers), dtype=a.model_dtype, cache_dtype=a.cache_dtype,
               seed=a.seed)
     kw = dict(model=model, tokenizer=tok, device=a.device, progress=progress)
     train_cache = harvest(HarvestConfig(tokens=a.tokens, **hk), **kw)
-    harvest_seconds = time.perf_counter() - t0
+    harvest_seconds = train_cache.harvest_seconds  # when it was computed, if reused now
     eval_cache = harvest(HarvestConfig(tokens=a.eval_tokens,
                                        skip_contexts=train_cache.n_tokens // a.ctx, **hk), **kw)
 

@@ -59,6 +59,7 @@ def write_report(out: Path, metrics: dict, groups: dict) -> Path:
     trained = [s["layers"] for s in methods["groups"]["saes"].values()]
     groups_line = " ".join(f"[{g[0]}..{g[-1]}]" if len(g) > 1 else f"[{g[0]}]" for g in trained)
     plot = _plot_per_layer(out, metrics)
+    harvest_s = next(iter(methods.values()))["harvest_seconds"]
     text = f"""# lgsae run: {metrics['model']}
 
 ## Results
@@ -73,7 +74,7 @@ Held-out evaluation on {metrics['tokens_eval']:,} tokens after one pass over
 FVU = ‖x − x̂‖² / ‖x − mean‖²; ΔCE % = (CE with layer l replaced by its reconstruction − clean CE)
 / clean CE; L0 = active latents per token; dead % = latents with no firing in the last
 {metrics['dead_window_tokens']:,} training tokens; SAE-training seconds exclude the shared harvest
-({next(iter(methods.values()))['harvest_seconds']:.0f} s); FLOPs count each SAE's training work
+({harvest_s:.0f} s of model forward over every layer); FLOPs count each SAE's training work
 (encoder GEMM plus the sparse decode and backward).
 
 ## Per layer

@@ -86,7 +86,7 @@ class TrainConfig:
 
     k: int = 32  # latents active per token
     expansion: int = 8  # latents = expansion × model width
-    batch: int = 1024  # tokens per step
+    batch: int = 256  # tokens per step (small: CPU runs see few tokens, steps matter more)
     lr: float | None = None  # None: the paper's 2e-4 / sqrt(M / 2^14) for each SAE
     dtype: str = "float32"  # SAE parameters: float32 or bfloat16
     seed: int = 0
