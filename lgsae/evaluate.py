@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lgsae.harvest import ActivationCache, find_blocks
+from lgsae.harvest import SINK_POSITIONS, ActivationCache, find_blocks
 from lgsae.sae import GroupSAE
 
 
@@ -23,7 +23,7 @@ def reconstruction_metrics(saes: dict[str, dict[int, GroupSAE]], cache: Activati
     means = cache.means()
     acc: dict[tuple[str, int], dict[str, float]] = {}
     layers = sorted({v for per in saes.values() for v in per})
-    for shard in cache.iter_shards(layers):
+    for shard in cache.iter_shards(layers, skip_sink=True):
         for method, per in saes.items():
             for v, sae in per.items():
                 x = shard[v].to(sae.device, torch.float32)
@@ -61,8 +61,9 @@ class _Splice:
 
     def hook(self, module, args, output):
         h = output[0] if isinstance(output, tuple) else output
-        recon = self.sae(h.reshape(-1, h.shape[-1]), layer=self.layer).recon
-        recon = recon.view_as(h).to(h.dtype)
+        rest = h[:, SINK_POSITIONS:]  # the sink positions keep their activations (not trained on)
+        recon = self.sae(rest.reshape(-1, h.shape[-1]), layer=self.layer).recon
+        recon = torch.cat([h[:, :SINK_POSITIONS], recon.view_as(rest).to(h.dtype)], dim=1)
         return (recon, *output[1:]) if isinstance(output, tuple) else recon
 
     def __enter__(self):

@@ -35,7 +35,12 @@ from lgsae.data import token_contexts
 from lgsae.models import cache_dir, load_model, load_tokenizer
 
 MANIFEST = "manifest.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: statistics exclude the attention-sink position
+# The first position of every context is the model's attention sink: its residual stream has up to
+# 100x the norm of other tokens (SmolLM2 layer 15: 24,600 vs 175), so it would dominate means,
+# scales, FVU and the SAE loss. It is stored, but statistics, training and FVU skip it, and the
+# evaluation splices reconstructions at the other positions only (like excluding BOS elsewhere).
+SINK_POSITIONS = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -125,7 +130,7 @@ class HarvestConfig:
     extra: dict = field(default_factory=dict)  # anything else the caller wants in the key
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
+        blob = json.dumps({**asdict(self), "format": _FORMAT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -170,6 +175,11 @@ class ActivationCache:
         return self.manifest["d_model"]
 
     @property
+    def n_stat_tokens(self) -> int:
+        """Tokens behind the statistics and training: all but the sink position of each context."""
+        return self.n_tokens - (self.n_tokens // self.manifest["ctx_len"]) * SINK_POSITIONS
+
+    @property
     def harvest_seconds(self) -> float:
         """Wall-clock seconds the harvest took when it was computed (0 if unrecorded)."""
         return float(sum(self.manifest.get("seconds", [])))
@@ -189,26 +199,36 @@ class ActivationCache:
                                     "harvest again")
         return load_file(path)
 
-    def iter_shards(self, layers: Sequence[int] | None = None, verify: bool = True
-                    ) -> Iterator[dict[int, torch.Tensor]]:
-        """Yield {layer: [tokens, D]} one shard at a time (memory: one shard of those layers)."""
+    def iter_shards(self, layers: Sequence[int] | None = None, verify: bool = True,
+                    skip_sink: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+        """Yield {layer: [tokens, D]} one shard at a time (memory: one shard of those layers);
+        with `skip_sink`, without the first SINK_POSITIONS positions of each context."""
         layers = self.layers if layers is None else list(layers)
         missing = [v for v in layers if v not in self.layers]
         if missing:
             raise ValueError(f"layers {missing} are not in this cache (it has {self.layers})")
+        ctx = self.manifest["ctx_len"]
         for shard in self.manifest["shards"]:
-            yield {v: self._load(shard, f"L{v:03d}.safetensors", verify)["x"] for v in layers}
+            out = {v: self._load(shard, f"L{v:03d}.safetensors", verify)["x"] for v in layers}
+            if skip_sink:
+                keep = _kept_rows(next(iter(out.values())).shape[0], ctx)
+                out = {v: x[keep] for v, x in out.items()}
+            yield out
 
     def means(self) -> torch.Tensor:
-        """[L, D] fp64 per-layer mean activation over all harvested tokens."""
+        """[L, D] fp64 per-layer mean activation over the harvested tokens (sink excluded)."""
         total = sum(self._load(s, "stats.safetensors", True)["sum"] for s in
                     self.manifest["shards"])
-        return total / self.n_tokens
+        return total / self.n_stat_tokens
 
     def tokens(self) -> torch.Tensor:
         """[contexts, ctx] token ids of the harvest, in order."""
         return torch.cat([self._load(s, "tokens.safetensors", True)["ids"]
                           for s in self.manifest["shards"]])
+
+
+def _kept_rows(n_rows: int, ctx: int) -> torch.Tensor:
+    return (torch.arange(n_rows) % ctx) >= SINK_POSITIONS
 
 
 def _shard_contexts(n_layers: int, d: int, ctx: int, itemsize: int, budget: int = 256 << 20
@@ -261,7 +281,7 @@ def harvest(cfg: HarvestConfig, *, device: str | torch.device = "cpu", batch_siz
             ids = contexts[s * per:(s + 1) * per]
             t0 = time.perf_counter()
             acts = _run_shard(cap, ids, layers, batch_size, device, store)
-            manifest["shards"].append(_write_shard(root, s, ids, acts, layers, s * per))
+            manifest["shards"].append(_write_shard(root, s, ids, acts, layers, s * per, cfg.ctx))
             manifest.setdefault("seconds", []).append(time.perf_counter() - t0)
             _write_json_atomic(root / MANIFEST, manifest)
             bar.update(ids.numel())
@@ -271,7 +291,8 @@ def harvest(cfg: HarvestConfig, *, device: str | torch.device = "cpu", batch_siz
     for shard in manifest["shards"]:
         path = root / shard["dir"] / "stats.safetensors"
         norms += load_file(path)["norm_sum"]
-    manifest["mean_norm"] = (norms / manifest["n_tokens"]).tolist()
+    stat_tokens = manifest["n_tokens"] - (manifest["n_tokens"] // cfg.ctx) * SINK_POSITIONS
+    manifest["mean_norm"] = (norms / stat_tokens).tolist()
     manifest["complete"] = True
     _write_json_atomic(root / MANIFEST, manifest)
     return ActivationCache(root)
@@ -288,12 +309,14 @@ def _run_shard(cap: LayerCapture, ids: torch.Tensor, layers: list[int], batch_si
 
 
 def _write_shard(root: Path, s: int, ids: torch.Tensor, acts: dict[int, torch.Tensor],
-                 layers: list[int], first_context: int = 0) -> dict:
+                 layers: list[int], first_context: int, ctx: int) -> dict:
+    keep = _kept_rows(ids.numel(), ctx)
     norm = [torch.linalg.vector_norm(acts[v].float(), dim=1) for v in layers]
-    stats = {"sum": torch.stack([acts[v].sum(0, dtype=torch.float64) for v in layers]),
-             "norm_sum": torch.stack([n.sum(dtype=torch.float64) for n in norm])}
+    stats = {"sum": torch.stack([acts[v][keep].sum(0, dtype=torch.float64) for v in layers]),
+             "norm_sum": torch.stack([n[keep].sum(dtype=torch.float64) for n in norm])}
     # any NaN/inf in a layer makes its norm sum non-finite: the check costs no extra pass
-    for v, ok in zip(layers, torch.isfinite(stats["norm_sum"]).tolist()):
+    finite = torch.isfinite(torch.stack([n.sum() for n in norm])).tolist()
+    for v, ok in zip(layers, finite):
         if not ok:
             raise FloatingPointError(
                 f"non-finite activations at layer {v} (contexts {first_context}.."

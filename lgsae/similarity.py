@@ -35,7 +35,7 @@ def layer_distances(cache: ActivationCache, layers: list[int] | None = None, *,
         means = all_means[[cache.layers.index(v) for v in layers]].unsqueeze(0)  # [1, L, D]
     total = torch.zeros(len(layers), len(layers), dtype=torch.float64)
     count = 0
-    for shard in cache.iter_shards(layers):
+    for shard in cache.iter_shards(layers, skip_sink=True):
         x = torch.stack([shard[v] for v in layers], dim=1)  # [T, L, D]
         for s in range(0, x.shape[0], chunk):
             xc = x[s:s + chunk].double()

@@ -108,10 +108,11 @@ class TrainConfig:
 
 def batches(cache: ActivationCache, layers: list[int], batch: int, seed: int
             ) -> Iterator[dict[int, torch.Tensor]]:
-    """{layer: [batch, D]} over one pass of the cache, tokens shuffled within each shard (seeded),
-    leftovers carried into the next shard; the last partial batch is dropped."""
+    """{layer: [batch, D]} over one pass of the cache (sink positions skipped), tokens shuffled
+    within each shard (seeded), leftovers carried into the next shard; the last partial batch is
+    dropped."""
     carry: dict[int, torch.Tensor] | None = None
-    for s, shard in enumerate(cache.iter_shards(layers)):
+    for s, shard in enumerate(cache.iter_shards(layers, skip_sink=True)):
         perm = torch.randperm(next(iter(shard.values())).shape[0],
                               generator=torch.Generator().manual_seed(seed * 100_003 + s))
         shard = {v: x[perm] for v, x in shard.items()}
@@ -155,7 +156,7 @@ class Trainer:
         self.seconds = [0.0] * len(specs)
         self.step, self.tokens = 0, 0
         self.layers = sorted({v for s in specs for v in s.layers})
-        total = (cache.n_tokens // cfg.batch) * cfg.batch
+        total = (cache.n_stat_tokens // cfg.batch) * cfg.batch
         self.total_steps = total // cfg.batch
         self.dead_window = cfg.dead_window or max(cfg.batch, min(PAPER_DEAD_WINDOW, total // 5))
 

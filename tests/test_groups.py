@@ -19,10 +19,11 @@ def test_angular_distance_equals_direct_per_token_computation(tmp_path, centre):
     cache = harvest(cfg, root=tmp_path / "c", model=tiny_model(n_layers=4),
                     tokenizer=CharTokenizer(61), shard_contexts=2, progress=False)
     got = layer_distances(cache, centre=centre, chunk=5)  # chunks that cut across shards' rows
-    x = {v: torch.cat([s[v] for s in cache.iter_shards()]).double() for v in cache.layers}
+    shards = list(cache.iter_shards(skip_sink=True))  # distances skip the sink position too
+    x = {v: torch.cat([s[v] for s in shards]).double() for v in cache.layers}
     if centre:
         x = {v: t - t.mean(0) for v, t in x.items()}
-    L, T = len(cache.layers), cache.n_tokens
+    L, T = len(cache.layers), cache.n_stat_tokens
     want = np.zeros((L, L))
     for i in range(L):
         for j in range(L):

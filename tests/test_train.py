@@ -40,7 +40,8 @@ def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
     for key in ("model", "tokens_train", "tokens_eval", "chosen_G", "methods"):
         assert key in on_disk
     assert set(on_disk["methods"]) == {"groups", "per-layer", "even", "smaller", "single"}
-    assert on_disk["tokens_train"] == 2048 and on_disk["tokens_eval"] == 128
+    # 2048 tokens in contexts of 32 minus the sink position: 1984, in whole batches of 256
+    assert on_disk["tokens_train"] == 1792 and on_disk["tokens_eval"] == 128
     for name, m in on_disk["methods"].items():
         for key in ("n_saes", "fvu", "delta_ce_pct", "l0", "dead_pct", "kl", "train_seconds",
                     "harvest_seconds", "flops", "per_layer"):
@@ -67,7 +68,7 @@ def test_saved_sae_reproduces_its_reconstruction(tmp_path):
     spec = SAESpec("groups/L01-L02", "groups", [1, 2], 64)
     trainer = Trainer([spec], cache, TrainConfig(k=4, batch=128), "tiny")
     trainer.fit(progress=False)
-    assert trainer.step == 4
+    assert trainer.step == 3  # 512 tokens minus 16 sink positions, in batches of 128
     trainer.saes[0].save(tmp_path / "sae")
     back = GroupSAE.load(tmp_path / "sae")
     x = next(cache.iter_shards([2]))[2].float()
@@ -145,6 +146,31 @@ def test_nan_in_a_batch_names_layer_and_step(tmp_path):
     batch[2][7, 3] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite activations at layer 2 in step 1"):
         trainer.train_batch(batch)
+
+
+def test_splice_is_exact_for_a_perfect_reconstruction_and_keeps_the_sink():
+    from collections import namedtuple
+
+    from lgsae.evaluate import spliced_metrics
+
+    Out = namedtuple("Out", "recon")
+    seen = []
+
+    class Identity:
+        def __call__(self, x, layer=None):
+            seen.append(x.shape[0])
+            return Out(x)
+
+    class Zero:
+        def __call__(self, x, layer=None):
+            return Out(torch.zeros_like(x))
+
+    ids = torch.randint(1, 61, (3, 16))
+    res = spliced_metrics(tiny_model(), ids, {"id": {1: Identity()}, "zero": {1: Zero()}},
+                          batch_size=3, progress=False)
+    assert res["id"][1]["delta_ce_pct"] == 0 and res["id"][1]["kl"] == 0
+    assert seen == [3 * 15]  # every position but the sink goes through the SAE
+    assert res["zero"][1]["kl"] > 0
 
 
 def test_width_mismatch_is_one_clear_error(tmp_path):
