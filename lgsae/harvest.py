@@ -310,10 +310,12 @@ def _run_shard(cap: LayerCapture, ids: torch.Tensor, layers: list[int], batch_si
 
 def _write_shard(root: Path, s: int, ids: torch.Tensor, acts: dict[int, torch.Tensor],
                  layers: list[int], first_context: int, ctx: int) -> dict:
-    keep = _kept_rows(ids.numel(), ctx)
+    sink = ~_kept_rows(ids.numel(), ctx)  # subtracting the few sink rows avoids copying the rest
     norm = [torch.linalg.vector_norm(acts[v].float(), dim=1) for v in layers]
-    stats = {"sum": torch.stack([acts[v][keep].sum(0, dtype=torch.float64) for v in layers]),
-             "norm_sum": torch.stack([n[keep].sum(dtype=torch.float64) for n in norm])}
+    stats = {"sum": torch.stack([acts[v].sum(0, dtype=torch.float64)
+                                 - acts[v][sink].sum(0, dtype=torch.float64) for v in layers]),
+             "norm_sum": torch.stack([n.sum(dtype=torch.float64) - n[sink].sum(dtype=torch.float64)
+                                      for n in norm])}
     # any NaN/inf in a layer makes its norm sum non-finite: the check costs no extra pass
     finite = torch.isfinite(torch.stack([n.sum() for n in norm])).tolist()
     for v, ok in zip(layers, finite):
