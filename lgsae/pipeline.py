@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="delete --out first if it exists")
     a("--no-progress", action="store_true", help="no progress bars")
+    a("--wandb", default=None, metavar="PROJECT",
+      help="also log training to this Weights & Biases project (needs `pip install wandb`)")
     return p.parse_args(argv)
 
 
@@ -113,6 +115,15 @@ def _prepare_out(a: argparse.Namespace) -> Path:
     return out
 
 
+def _wandb_logger(a: argparse.Namespace):
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--wandb needs the wandb package: python -m pip install wandb") from None
+    run = wandb.init(project=a.wandb, config=vars(a))
+    return run.log
+
+
 def run(a: argparse.Namespace) -> dict:
     from lgsae.evaluate import evaluate
     from lgsae.report import summarize, write_report
@@ -120,6 +131,7 @@ def run(a: argparse.Namespace) -> dict:
     cfg = TrainConfig(k=a.k, expansion=a.expansion, batch=a.batch, lr=a.lr, dtype=a.dtype,
                       seed=a.seed, checkpoint_every=a.checkpoint_every)
     methods = _methods(a.baselines)
+    log = _wandb_logger(a) if a.wandb else None
     out = _prepare_out(a)
     progress = not a.no_progress
     model_name = DEFAULT_MODEL if is_default(a.model) else a.model
@@ -148,7 +160,7 @@ def run(a: argparse.Namespace) -> dict:
     trainer = Trainer(specs, train_cache, cfg, model_name, device=a.device)
     if a.resume:
         trainer.load_checkpoint(out / "checkpoints")
-    trainer.fit(out / "checkpoints", progress=progress)
+    trainer.fit(out / "checkpoints", progress=progress, log=log)
     for spec, sae in zip(specs, trainer.saes):
         sae.save(out / "saes" / spec.name)
 

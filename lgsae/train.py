@@ -254,8 +254,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, ckpt_dir: Path | None = None, progress: bool = True,
-            stop_after: int | None = None) -> None:
-        """One pass over the cache (continuing after a loaded checkpoint)."""
+            stop_after: int | None = None, log=None) -> None:
+        """One pass over the cache (continuing after a loaded checkpoint). `log(dict, step=)`,
+        if given, receives the step's mean FVU, dead % and tokens/s (e.g. wandb's run.log)."""
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
                    disable=not progress)
@@ -268,6 +269,9 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(tok_s=f"{rate:.0f}", fvu=f"{stats['fvu']:.3f}",
                             dead=f"{stats['dead']:.1f}%")
+            if log is not None:
+                log({"fvu": stats["fvu"], "dead_pct": stats["dead"], "tokens_per_s": rate},
+                    step=self.step)
             if ckpt_dir is not None and cfg.checkpoint_every and \
                     self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(ckpt_dir)
