@@ -98,6 +98,9 @@ def _prepare_out(a: argparse.Namespace) -> Path:
     flags = {k: v for k, v in vars(a).items() if k not in _RUN_FLAGS_IGNORED}
     if out.exists() and any(out.iterdir()):
         if a.overwrite:
+            if not (out / "run.json").is_file():  # never rmtree a folder we did not create
+                raise FileExistsError(f"--overwrite: {out} is not an lgsae run folder (no "
+                                      "run.json); remove it yourself or choose another --out")
             shutil.rmtree(out)
         elif a.resume:
             old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}

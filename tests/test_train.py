@@ -114,6 +114,8 @@ def test_existing_run_folder_is_never_overwritten_silently(tiny, tmp_path, monke
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="pass --resume to continue it or --overwrite"):
         main(flags(tiny, out))
+    with pytest.raises(FileExistsError, match="is not an lgsae run folder"):
+        main(flags(tiny, out, "--overwrite"))
     assert (out / "precious.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match=r"other flags \(\['k'\]\)|other flags"):
         (out / "run.json").write_text(json.dumps({"k": 99}))
