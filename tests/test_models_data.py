@@ -7,17 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import CharTokenizer
 
 from lgsae import data, models
-
-
-class CharTokenizer:
-    """A stand-in tokenizer: one id per character, EOS = 0 (keeps packing tests exact)."""
-
-    eos_token_id = 0
-
-    def __call__(self, texts, add_special_tokens=True):
-        return {"input_ids": [[ord(c) for c in t] for t in texts]}
 
 
 def test_packing_joins_documents_with_eos_and_has_no_padding(tmp_path):
@@ -25,11 +17,11 @@ def test_packing_joins_documents_with_eos_and_has_no_padding(tmp_path):
     f.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in
                            enumerate(["abc", "defgh", "ij"])))
     ids = data.token_contexts(CharTokenizer(), str(f), n_tokens=8, ctx_len=4, seed=None)
-    stream = [ord(c) for c in "abc"] + [0] + [ord(c) for c in "defgh"] + [0]
+    stream = [1 + ord(c) for c in "abc"] + [0] + [1 + ord(c) for c in "defgh"] + [0]
     assert ids.tolist() == [stream[:4], stream[4:8]]
     held_out = data.token_contexts(CharTokenizer(), str(f), n_tokens=4, ctx_len=4, seed=None,
                                    skip_contexts=2)
-    assert held_out.tolist() == [[ord("h"), 0, ord("i"), ord("j")]]
+    assert held_out.tolist() == [[1 + ord("h"), 0, 1 + ord("i"), 1 + ord("j")]]
 
 
 @pytest.mark.parametrize("suffix", [".json", ".txt"])
