@@ -16,31 +16,33 @@ PAPER_PYTHIA = {
 _KEYS = ("fvu", "delta_ce_pct", "l0", "dead_pct", "kl", "mse", "explained_variance")
 
 
-def summarize(trainer, specs, results: dict, groups: dict, harvest_seconds: float,
-              eval_tokens: int, partition: list[list[int]]) -> dict:
-    """The metrics.json dict: per method the means over layers excluding the last one."""
+def summarize(stats: dict[int, dict], specs, results: dict, groups: dict, harvest_seconds: float,
+              eval_tokens: int, partition: list[list[int]], tokens_train: int,
+              dead_window: int) -> dict:
+    """The metrics.json dict: per method the means over layers excluding the last one.
+    `stats`: {index in specs: {seconds, flops, dead_pct}} (Trainer.sae_stats, of every rank)."""
     last = max(groups["layers"])
     methods: dict[str, dict] = {}
     for i, spec in enumerate(specs):
         m = methods.setdefault(spec.method, {"n_saes": 0, "train_seconds": 0.0, "flops": 0.0,
                                              "saes": {}, "per_layer": {}})
         m["n_saes"] += 1
-        m["train_seconds"] += trainer.seconds[i]
-        m["flops"] += trainer.flops(i)
+        m["train_seconds"] += stats[i]["seconds"]
+        m["flops"] += stats[i]["flops"]
         m["saes"][spec.name] = {"layers": spec.layers, "num_latents": spec.num_latents,
-                                "dead_pct": trainer.dead_pct(i)}
+                                "dead_pct": stats[i]["dead_pct"]}
         for v in spec.layers:
             m["per_layer"][str(v)] = {**results["per_layer"][spec.method][v],
-                                      "dead_pct": trainer.dead_pct(i), "sae": spec.name}
+                                      "dead_pct": stats[i]["dead_pct"], "sae": spec.name}
     for m in methods.values():
         inner = [row for v, row in m["per_layer"].items() if int(v) != last] or \
             list(m["per_layer"].values())
         for key in _KEYS:
             m[key] = sum(row[key] for row in inner) / len(inner)
         m["harvest_seconds"] = harvest_seconds
-    return {"model": groups["model"], "tokens_train": trainer.tokens, "tokens_eval": eval_tokens,
+    return {"model": groups["model"], "tokens_train": tokens_train, "tokens_eval": eval_tokens,
             "chosen_G": groups["chosen_G"], "trained_G": len(partition),
-            "clean_ce": results["clean_ce"], "dead_window_tokens": trainer.dead_window,
+            "clean_ce": results["clean_ce"], "dead_window_tokens": dead_window,
             "methods": methods}
 
 

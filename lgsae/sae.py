@@ -151,8 +151,11 @@ class GroupSAE(nn.Module):
 
     # ------------------------------------------------------------------ core
     def forward(self, x: Tensor, layer: int | Tensor | None = None,
-                dead_mask: Tensor | None = None) -> ForwardOutput:
-        """x: [..., D] raw activations of `layer`. dead_mask: [M] bool, enables AuxK."""
+                dead_mask: Tensor | None = None, total_variance: Tensor | None = None
+                ) -> ForwardOutput:
+        """x: [..., D] raw activations of `layer`. dead_mask: [M] bool, enables AuxK.
+        total_variance: the FVU denominator Σ‖x − mean‖² (scaled space, fp32) when x is one
+        rank's part of a larger batch (data parallel); default: x's own."""
         lead = x.shape[:-1]
         xf = self._flat(x)
         if dead_mask is not None:
@@ -161,14 +164,15 @@ class GroupSAE(nn.Module):
                    f"latent), got {dead_mask.dtype} {tuple(dead_mask.shape)}")
         s = self.scale_for(layer, xf.shape[0])
         xs = (xf * s).to(self.dtype)
+        acc = torch.promote_types(self.dtype, torch.float32)  # losses in fp32 (fp64 for checks)
+        xs32 = xs.to(acc)
+        total_var = (xs32 - xs32.mean(0)).pow(2).sum() if total_variance is None \
+            else total_variance.to(acc)
         top_acts, top_idx, aux_acts, aux_idx = ops.topk_encode(
             xs, self.encoder.weight, self.encoder.bias, self.b_dec, self.k, dead_mask,
             self.k_aux if dead_mask is not None else 0,
         )
         recon_s = ops.sparse_decode(top_idx, top_acts, self.W_dec) + self.b_dec
-        acc = torch.promote_types(self.dtype, torch.float32)  # losses in fp32 (fp64 for checks)
-        xs32 = xs.to(acc)
-        total_var = (xs32 - xs32.mean(0)).pow(2).sum()
         resid = xs32 - recon_s.to(acc)  # what the chosen latents failed to explain
         fvu = resid.pow(2).sum() / total_var
         if aux_idx.shape[1] > 0:
@@ -184,6 +188,12 @@ class GroupSAE(nn.Module):
             recon.view(*lead, self.d_in), top_acts.view(*lead, self.k),
             top_idx.view(*lead, self.k), fvu, auxk,
         )
+
+    def loss_input(self, x: Tensor, layer: int | Tensor | None = None) -> Tensor:
+        """x [..., D] as `forward` sees it in its losses: scaled, SAE dtype, then fp32 [N, D]."""
+        xf = self._flat(x)
+        xs = (xf * self.scale_for(layer, xf.shape[0])).to(self.dtype)
+        return xs.to(torch.promote_types(self.dtype, torch.float32))
 
     def encode(self, x: Tensor, layer: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [..., D] raw activations -> (top_acts [..., K], top_indices [..., K])."""

@@ -56,12 +56,18 @@ def make_optimizer(sae: GroupSAE, lr: float | None = None) -> torch.optim.Adam:
 
 def train_step(sae: GroupSAE, opt: torch.optim.Optimizer, x: Tensor, *,
                layer: int | Tensor | None = None, dead_mask: Tensor | None = None,
-               forward: Callable[..., ForwardOutput] | None = None) -> ForwardOutput:
+               forward: Callable[..., ForwardOutput] | None = None,
+               total_variance: Tensor | None = None,
+               grad_sync: Callable[[GroupSAE], None] | None = None) -> ForwardOutput:
     """One optimisation step on the batch x [N, D]; returns the forward output (losses detached).
 
     `forward` replaces `sae.forward` (same signature): the benchmarks pass the dense twin.
+    Data parallel: x is this rank's part of the batch, `total_variance` the whole batch's FVU
+    denominator, and `grad_sync(sae)` sums the gradients over the ranks right after backward, so
+    every rank takes the step that one process would take on the whole batch.
     """
-    out = (forward or sae)(x, layer=layer, dead_mask=dead_mask)
+    kw = {} if total_variance is None else {"total_variance": total_variance}
+    out = (forward or sae)(x, layer=layer, dead_mask=dead_mask, **kw)
     loss = out.fvu + AUXK_COEF * out.auxk_loss
     if not bool(torch.isfinite(loss)):  # never let one bad batch write NaN/inf into the weights
         raise FloatingPointError(
@@ -70,6 +76,8 @@ def train_step(sae: GroupSAE, opt: torch.optim.Optimizer, x: Tensor, *,
             "with non-zero variance and finite activations; the step was not taken")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_sync is not None:
+        grad_sync(sae)
     sae.project_decoder_grad_()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), CLIP_NORM, foreach=True)
     opt.step()

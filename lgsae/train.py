@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lgsae.dist import Dist, LaunchError
 from lgsae.harvest import ActivationCache
 from lgsae.sae import GroupSAE
 from lgsae.step import make_optimizer, train_step, tune_cpu_allocator
@@ -126,12 +127,27 @@ def batches(cache: ActivationCache, layers: list[int], batch: int, seed: int
 
 
 class Trainer:
-    """All SAEs of a run, their optimizers, dead-latent counters and timings; checkpointable."""
+    """The SAEs of a run (or this rank's share of them), their optimizers, dead-latent counters
+    and timings; checkpointable.
+
+    `owned`: indices into `specs` that this process trains (default: all). Seeds follow the index
+    in `specs`, so an SAE comes out the same whichever rank trains it. `dist` with
+    `data_parallel=True`: every rank holds every owned SAE and trains on its 1/world of each
+    batch, with gradients, FVU denominators and dead-latent counters reduced over the ranks.
+    """
 
     def __init__(self, specs: list[SAESpec], cache: ActivationCache, cfg: TrainConfig,
-                 model_name: str, device: str | torch.device = "cpu"):
+                 model_name: str, device: str | torch.device = "cpu", *,
+                 owned: list[int] | None = None, dist: Dist | None = None,
+                 data_parallel: bool = False):
         if not specs:
             raise ValueError("no SAEs to train")
+        self.dist = dist or Dist(device=torch.device(device))
+        self.dp = data_parallel and self.dist.active
+        if self.dp and cfg.batch % self.dist.world:
+            raise ValueError(f"--data-parallel splits each batch over the ranks: --batch "
+                             f"{cfg.batch} must be a multiple of the world size {self.dist.world}")
+        self.index = list(range(len(specs))) if owned is None else list(owned)
         known = set(cache.layers)
         for spec in specs:
             bad = [v for v in spec.layers if v not in known]
@@ -141,35 +157,64 @@ class Trainer:
             if not 1 <= cfg.k <= spec.num_latents:
                 raise ValueError(f"{spec.name}: k={cfg.k} must be in [1, {spec.num_latents}] "
                                  "(its number of latents); lower k or raise expansion")
-        self.specs, self.cache, self.cfg, self.device = specs, cache, cfg, torch.device(device)
+        self.specs = [specs[i] for i in self.index]
+        self.cache, self.cfg, self.device = cache, cfg, torch.device(device)
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         scales = cache.scales
         self.saes = [
             GroupSAE(cache.d_model, k=cfg.k, num_latents=s.num_latents, layers=s.layers,
                      scales=[scales[v] for v in s.layers], model=model_name,
                      hookpoints=[f"layers.{v}" for v in s.layers], dtype=dtype, device=device,
-                     seed=cfg.seed * 1009 + i)
-            for i, s in enumerate(specs)
+                     seed=cfg.seed * 1009 + g)
+            for g, s in zip(self.index, self.specs)
         ]
         self.opts = [make_optimizer(sae, cfg.lr) for sae in self.saes]
-        self.since_fire = [torch.zeros(s.num_latents, dtype=torch.int64) for s in specs]
-        self.seconds = [0.0] * len(specs)
+        self.since_fire = [torch.zeros(s.num_latents, dtype=torch.int64) for s in self.specs]
+        self.seconds = [0.0] * len(self.specs)
         self.step, self.tokens = 0, 0
-        self.layers = sorted({v for s in specs for v in s.layers})
+        self.layers = sorted({v for s in self.specs for v in s.layers})
         total = (cache.n_stat_tokens // cfg.batch) * cfg.batch
         self.total_steps = total // cfg.batch
         self.dead_window = cfg.dead_window or max(cfg.batch, min(PAPER_DEAD_WINDOW, total // 5))
 
+    def _rows(self, n: int) -> slice:
+        """This rank's rows of a batch of n (all of them unless data parallel)."""
+        if not self.dp:
+            return slice(0, n)
+        part = n // self.dist.world
+        return slice(self.dist.rank * part, (self.dist.rank + 1) * part)
+
     def _inputs(self, i: int, batch: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw activations for SAE i, one random member layer per token (seeded per step)."""
+        """Raw activations for SAE i, one random member layer per token (seeded per step and
+        drawn for the whole batch, so a rank's rows get the picks one process would give them)."""
         layers = self.specs[i].layers
         n = next(iter(batch.values())).shape[0]
+        rows = self._rows(n)
         if len(layers) == 1:
-            return batch[layers[0]], torch.full((n,), layers[0])
-        g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + self.step * 131 + i)
-        pick = torch.randint(len(layers), (n,), generator=g)
-        stacked = torch.stack([batch[v] for v in layers])  # [members, n, D]
-        return stacked[pick, torch.arange(n)], torch.tensor(layers)[pick]
+            x = batch[layers[0]][rows]
+            return x, torch.full((x.shape[0],), layers[0])
+        g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + self.step * 131 + self.index[i])
+        pick = torch.randint(len(layers), (n,), generator=g)[rows]
+        stacked = torch.stack([batch[v][rows] for v in layers])  # [members, rows, D]
+        return stacked[pick, torch.arange(pick.shape[0])], torch.tensor(layers)[pick]
+
+    def _total_variances(self, inputs) -> list[torch.Tensor | None]:
+        """Data parallel: each SAE's FVU denominator over the whole batch, from every rank's
+        rows (two reductions: the mean, then the centred sum of squares)."""
+        if not self.dp:
+            return [None] * len(inputs)
+        xs = [sae.loss_input(x, layer) for sae, (x, layer) in zip(self.saes, inputs)]
+        sums = torch.stack([x.double().sum(0) for x in xs]).cpu()
+        counts = torch.tensor([float(x.shape[0]) for x in xs], dtype=torch.float64)
+        self.dist.all_reduce_many_([sums, counts])
+        means = sums / counts[:, None]
+        tv = torch.stack([(x - m.to(x.device, x.dtype)).double().pow(2).sum().cpu()
+                          for x, m in zip(xs, means)])
+        self.dist.all_reduce_(tv)
+        return [t.to(self.device, torch.float32) for t in tv]
+
+    def _sync_grads(self, sae: GroupSAE) -> None:
+        self.dist.all_reduce_many_([p.grad for p in sae.parameters()])
 
     def train_batch(self, batch: dict[int, torch.Tensor]) -> dict[str, float]:
         for v in self.layers:
@@ -177,26 +222,38 @@ class Trainer:
                 raise FloatingPointError(f"non-finite activations at layer {v} in step "
                                          f"{self.step}; the cache is damaged or the model "
                                          "overflowed: harvest again (e.g. in float32)")
-        fvus, dead = [], []
+        n = next(iter(batch.values())).shape[0]
+        inputs = [(x.to(self.device), layer.to(self.device))
+                  for x, layer in (self._inputs(i, batch) for i in range(len(self.saes)))]
+        tvs = self._total_variances(inputs)
+        fvus, fired = [], []
         for i, sae in enumerate(self.saes):
-            x, layer = self._inputs(i, batch)
-            x = x.to(self.device)
+            x, layer = inputs[i]
             dead_mask = (self.since_fire[i] >= self.dead_window).to(self.device)
             t0 = time.perf_counter()
-            out = train_step(sae, self.opts[i], x, layer=layer.to(self.device),
-                             dead_mask=dead_mask if bool(dead_mask.any()) else None)
+            out = train_step(sae, self.opts[i], x, layer=layer,
+                             dead_mask=dead_mask if bool(dead_mask.any()) else None,
+                             total_variance=tvs[i], grad_sync=self._sync_grads if self.dp
+                             else None)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.seconds[i] += time.perf_counter() - t0
-            fired = torch.zeros_like(self.since_fire[i], dtype=torch.bool)
-            fired[out.top_indices[out.top_acts > 0].cpu()] = True
-            self.since_fire[i] += x.shape[0]
-            self.since_fire[i][fired] = 0
-            fvus.append(out.fvu.item())
+            f = torch.zeros(self.since_fire[i].shape, dtype=torch.uint8)
+            f[out.top_indices[out.top_acts > 0].cpu()] = 1
+            fired.append(f)
+            fvus.append(out.fvu.double().cpu())
+        fvu = torch.stack(fvus)
+        if self.dp:  # a latent fired if it fired on any rank; the FVU parts add up
+            self.dist.all_reduce_many_(fired, "max")
+            self.dist.all_reduce_(fvu)
+        dead = []
+        for i, f in enumerate(fired):
+            self.since_fire[i] += n
+            self.since_fire[i][f.bool()] = 0
             dead.append(float((self.since_fire[i] >= self.dead_window).float().mean()))
         self.step += 1
-        self.tokens += next(iter(batch.values())).shape[0]
-        return {"fvu": sum(fvus) / len(fvus), "dead": 100 * sum(dead) / len(dead)}
+        self.tokens += n
+        return {"fvu": float(fvu.mean()), "dead": 100 * sum(dead) / len(dead)}
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -209,11 +266,18 @@ class Trainer:
                     tensors[f"{i}.adam.{j}.{key}"] = t
             tensors[f"{i}.since_fire"] = self.since_fire[i]
         meta = {"step": self.step, "tokens": self.tokens, "seconds": self.seconds,
-                "specs": [asdict(s) for s in self.specs], "config": asdict(self.cfg)}
+                "specs": [asdict(s) for s in self.specs], "config": asdict(self.cfg),
+                "index": self.index, "world": self.dist.world, "data_parallel": self.dp}
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if meta["specs"] != [asdict(s) for s in self.specs] or meta["config"] != asdict(self.cfg):
+        if meta.get("world", 1) != self.dist.world:
+            raise ValueError(f"the checkpoint was written by {meta.get('world', 1)} processes, "
+                             f"this run has {self.dist.world}: resume with the same "
+                             "`torchrun --nproc_per_node`")
+        if meta["specs"] != [asdict(s) for s in self.specs] or meta["config"] != asdict(self.cfg) \
+                or meta.get("index", self.index) != self.index \
+                or meta.get("data_parallel", False) != self.dp:
             raise ValueError("the checkpoint was written by a run with other SAEs or settings; "
                              "resume with the same flags, or start over with --overwrite")
         for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
@@ -228,8 +292,15 @@ class Trainer:
             self.since_fire[i] = tensors[f"{i}.since_fire"].clone()
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], list(meta["seconds"])
 
-    def save_checkpoint(self, folder: Path) -> Path:
-        """Write checkpoints/step_NNNNNN atomically (temp folder + rename), then drop older ones."""
+    def rank_folder(self, ckpt_dir: Path) -> Path:
+        """checkpoints/ for one process; checkpoints/rank<r>/ for each rank under torchrun."""
+        return ckpt_dir if not self.dist.active else ckpt_dir / f"rank{self.dist.rank}"
+
+    def save_checkpoint(self, ckpt_dir: Path) -> Path:
+        """Write <rank folder>/step_NNNNNN atomically (temp folder + rename) and drop older ones;
+        data parallel keeps the previous one too, so that after a crash the ranks can resume
+        from a step that every rank has."""
+        folder = self.rank_folder(ckpt_dir)
         folder.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.state()
         tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
@@ -238,19 +309,42 @@ class Trainer:
         final = folder / f"step_{self.step:06d}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in folder.glob("step_*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in sorted(folder.glob("step_*"))[:-2 if self.dp else -1]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in folder.glob(".tmp-*"):  # left by a process killed while writing
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
         return final
 
-    def load_checkpoint(self, folder: Path) -> bool:
+    def load_checkpoint(self, ckpt_dir: Path) -> bool:
+        """Restore the latest checkpoint (data parallel: the latest that every rank has).
+        Returns False if there is none."""
+        ranks = sorted(p.name for p in ckpt_dir.glob("rank*")) if ckpt_dir.is_dir() else []
+        written_by = len(ranks) or 1
+        if ckpt_dir.is_dir() and written_by != self.dist.world and \
+                (ranks or list(ckpt_dir.glob("step_*"))):
+            raise ValueError(f"{ckpt_dir} holds checkpoints of a run with {written_by} "
+                             f"process(es), this one has {self.dist.world}: resume with the same "
+                             "`torchrun --nproc_per_node`")
+        folder = self.rank_folder(ckpt_dir)
         found = sorted(folder.glob("step_*")) if folder.is_dir() else []
-        if not found:
+        steps = [int(p.name[5:]) for p in found]
+        if self.dp:
+            common = set(steps)
+            for other in self.dist.gather(steps):
+                common &= set(other)
+            steps = sorted(common)
+        if not steps:
             return False
-        latest = found[-1]
+        latest = folder / f"step_{steps[-1]:06d}"
         self.load_state(load_file(latest / "state.safetensors"),
                         json.loads((latest / "state.json").read_text()))
         return True
+
+    def sae_stats(self) -> dict[int, dict]:
+        """{index in specs: {seconds, flops, dead_pct}} for the SAEs this process trained."""
+        return {g: {"seconds": self.seconds[i], "flops": self.flops(i),
+                    "dead_pct": self.dead_pct(i)} for i, g in enumerate(self.index)}
 
     # ------------------------------------------------------------------ the loop
     def fit(self, ckpt_dir: Path | None = None, progress: bool = True,
@@ -300,5 +394,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError,
+            LaunchError) as e:
         sys.exit(f"lgsae.train: error: {e}")
