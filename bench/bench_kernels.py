@@ -1,29 +1,40 @@
-"""Per-op benchmarks: provider (triton, reference, dense) × mode for the three ops.
+"""Per-op benchmarks: provider (dense, reference, triton, sparsify) × mode for the three ops.
 
-    pytest bench/bench_kernels.py --benchmark-only
+    pytest bench/bench_kernels.py --benchmark-only [--scale small|paper]
 
 encode: fwd = pre-activations + ReLU + top-k; bwd = gradients of W_enc, b_enc from d(chosen acts).
 decode: fwd = Σ_j a_j·W_dec[i_j]; bwd = d(acts) and dW_dec from d(out).
 decoder_norm: project = remove the row-parallel gradient; renorm = rows to unit norm.
 `triton` runs the lgsae.kernels launchers (CUDA only, skipped on CPU), `reference` their
-lgsae.reference twins (the CPU engine), `dense` the plain torch formulation with N×M tensors.
-Scale: LGSAE_BENCH_SCALE=small (default on CPU) or paper (N=16384, D=768, M=12288; default on CUDA).
+lgsae.reference twins (the CPU engine), `dense` the plain torch formulation with N×M tensors,
+`sparsify` the same op in sparsify's SparseCoder holding the same weights: encode = its
+FusedEncoder (`encode`; bwd through its autograd with b_dec frozen, so it computes dW_enc and
+db_enc like ours), decode = its decoder_impl (Triton on CUDA, embedding_bag on CPU),
+decoder_norm = remove_gradient_parallel_to_decoder_directions / set_decoder_norm_to_unit_norm.
+The first provider of a group (`dense`) is the denominator of the ratio table.
+Scale small: N=4096, D=576, M=9216, K=32 (fp32; default on CPU); paper: N=16384, D=768,
+M=12288, K=32 and 128 (bf16 on CUDA; default there). peak_memory_mb: conftest.peak_memory_mb of
+one extra call (the reference encoder's reused workspace is freed first, so it is counted).
 """
-
-import os
 
 import pytest
 import torch
-from conftest import device_name, sync
+from conftest import (
+    DEVICE,
+    device_name,
+    import_sparsify,
+    peak_memory_mb,
+    scale,
+    sparsify_coder,
+    sync,
+)
 
 from lgsae import reference
 
-DEVICE = torch.device(os.environ.get("LGSAE_BENCH_DEVICE", "cuda" if torch.cuda.is_available()
-                                     else "cpu"))
-SCALE = os.environ.get("LGSAE_BENCH_SCALE", "paper" if DEVICE.type == "cuda" else "small")
-SHAPES = {"small": [(4096, 576, 9216, 32)],
-          "paper": [(16384, 768, 12288, 32), (16384, 768, 12288, 128)]}[SCALE]
+SHAPES = {"tiny": [(512, 64, 512, 8)], "small": [(4096, 576, 9216, 32)],
+          "paper": [(16384, 768, 12288, 32), (16384, 768, 12288, 128)]}[scale()]
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+PROVIDERS = ["dense", "reference", "triton", "sparsify"]
 
 
 def _impl(provider: str):
@@ -53,38 +64,51 @@ def _data(N, D, M, K):
             torch.randn(N, D, generator=g).to(**to))
 
 
-def _run(benchmark, record, op, mode, provider, shape, fn, bytes_moved, flops):
-    if DEVICE.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(DEVICE)
+def _coder(W, b_enc, b_dec, K):
+    """sparsify's SparseCoder holding W as encoder and decoder (as GroupSAE starts)."""
+    return sparsify_coder({"encoder.weight": W.clone(), "encoder.bias": b_enc.clone(),
+                           "W_dec": W.clone(), "b_dec": b_dec.clone()}, K)
 
+
+def _run(benchmark, record, op, mode, provider, shape, fn, bytes_moved, flops):
     def timed():
         out = fn()
-        sync(DEVICE)
+        sync()
         return out
 
     benchmark.pedantic(timed, warmup_rounds=1, rounds=10 if DEVICE.type == "cuda" else 5)
     N, D, M, K = shape
     record(benchmark, f"{op} {mode} N={N} D={D} M={M} K={K}", provider)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing to report
+        return
+    reference.free_workspace()
     t = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        op=op, mode=mode, provider=provider, N=N, D=D, M=M, K=K, dtype=str(DTYPE),
-        device=device_name(DEVICE), tflops_per_s=flops / t / 1e12, gb_per_s=bytes_moved / t / 1e9,
-        peak_memory_mb=(torch.cuda.max_memory_allocated(DEVICE) / 2**20
-                        if DEVICE.type == "cuda" else None))
+        op=op, mode=mode, N=N, D=D, M=M, K=K, dtype=str(DTYPE).removeprefix("torch."),
+        device=device_name(), scale=scale(), flops=flops, flop_per_s=flops / t,
+        gb_per_s=bytes_moved / t / 1e9, peak_memory_mb=peak_memory_mb(timed))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"K{s[3]}")
 @pytest.mark.parametrize("mode", ["fwd", "bwd"])
-@pytest.mark.parametrize("provider", ["dense", "reference", "triton"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_encode(benchmark, record, provider, mode, shape):
     N, D, M, K = shape
     x, W, b_enc, b_dec, _ = _data(*shape)
     es = DTYPE.itemsize
-    if provider == "dense":
-        Wg = W.clone().requires_grad_()
+    if provider in ("dense", "sparsify"):
+        if provider == "dense":
+            Wg, bg = W.clone().requires_grad_(), b_enc.clone().requires_grad_()
 
-        def fwd():
-            return torch.relu((x - b_dec) @ Wg.t() + b_enc).topk(K, dim=1)
+            def fwd():
+                return torch.relu((x - b_dec) @ Wg.t() + bg).topk(K, dim=1)
+        else:
+            sc = _coder(W, b_enc, b_dec, K)
+            sc.b_dec.requires_grad_(False)
+            Wg, bg = sc.encoder.weight, sc.encoder.bias
+
+            def fwd():
+                return sc.encode(x)[:2]
 
         if mode == "fwd":
             fn = fwd
@@ -93,7 +117,7 @@ def test_encode(benchmark, record, provider, mode, shape):
             g = torch.randn_like(vals)
 
             def fn():
-                return torch.autograd.grad(vals, Wg, g, retain_graph=True)
+                return torch.autograd.grad(vals, [Wg, bg], g, retain_graph=True)
     else:
         ops = _impl(provider)
         enc = ops["topk_encode"](x, W, b_enc, b_dec, K)
@@ -112,18 +136,25 @@ def test_encode(benchmark, record, provider, mode, shape):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"K{s[3]}")
 @pytest.mark.parametrize("mode", ["fwd", "bwd"])
-@pytest.mark.parametrize("provider", ["dense", "reference", "triton"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_decode(benchmark, record, provider, mode, shape):
     N, D, M, K = shape
-    _, W, _, _, g = _data(*shape)
+    _, W, b_enc, b_dec, g = _data(*shape)
     idx = torch.randint(0, M, (N, K), device=DEVICE)
     acts = torch.rand(N, K, device=DEVICE, dtype=DTYPE)
-    if provider == "dense":
-        Wg = W.clone().requires_grad_()
+    if provider in ("dense", "sparsify"):
         ag = acts.clone().requires_grad_()
+        if provider == "dense":
+            Wg = W.clone().requires_grad_()
 
-        def fwd():
-            return torch.zeros(N, M, device=DEVICE, dtype=DTYPE).scatter(1, idx, ag) @ Wg
+            def fwd():
+                return torch.zeros(N, M, device=DEVICE, dtype=DTYPE).scatter(1, idx, ag) @ Wg
+        else:
+            Wg = _coder(W, b_enc, b_dec, K).W_dec
+            decoder_impl = import_sparsify().sparse_coder.decoder_impl  # the one it chose
+
+            def fwd():
+                return decoder_impl(idx, ag, Wg.mT)
 
         if mode == "fwd":
             fn = fwd
@@ -146,17 +177,25 @@ def test_decode(benchmark, record, provider, mode, shape):
 
 
 @pytest.mark.parametrize("mode", ["project", "renorm"])
-@pytest.mark.parametrize("provider", ["dense", "reference", "triton"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_decoder_norm(benchmark, record, provider, mode):
     shape = SHAPES[0]
     N, D, M, K = shape
-    _, W, _, _, _ = _data(*shape)
+    _, W, b_enc, b_dec, _ = _data(*shape)
     grad = torch.randn_like(W)
-    if provider == "dense":  # the textbook two-line formulation (sparsify's, via einsum)
+    if provider == "dense":  # the textbook two-line formulation
         def fn():
             if mode == "project":
                 return grad.sub_((grad * W).sum(1, keepdim=True) * W)
             return W.div_(W.norm(dim=1, keepdim=True))
+    elif provider == "sparsify":
+        sc = _coder(W, b_enc, b_dec, K)
+        sc.W_dec.grad = grad
+
+        def fn():
+            if mode == "project":
+                return sc.remove_gradient_parallel_to_decoder_directions()
+            return sc.set_decoder_norm_to_unit_norm()
     else:
         ops = _impl(provider)
 

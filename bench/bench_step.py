@@ -1,71 +1,127 @@
-"""One full SAE training step: the sparse path vs the same SAE written densely, and the floor
-(encoder GEMM + top-k alone). Targets (issue 2, CPU fp32): sparse <= 1.3x the floor, dense >= 2.5x
-sparse. Run: pytest bench/bench_step.py --benchmark-only
+"""One full SAE training step: ours (sparse path) vs the same SAE written densely vs sparsify's
+SparseCoder, and the floor (encoder GEMM + top-k alone). Run:
+pytest bench/bench_step.py --benchmark-only [--scale small|paper]
 
-Providers share one group per shape, so the ratio table at the end compares them side by side;
-the first provider of a group (`gemm_topk`) is the denominator.
+Targets (issue 6, CPU, N=4096, D=576, M=9216, K=32): fp32 `sparse` <= 1.3x `gemm_topk` and
+>= 1.4x faster than `sparsify`; bf16 `sparse` >= 2x faster than fp32 `sparsify`
+(extra_info `speedup_vs_sparsify_fp32`). GPU: >= 2x faster than `sparsify` (Triton decoder) and
+peak memory <= 0.5x sparsify's.
+
+Timed, one call each (no dead latents, so no AuxK pass in any provider):
+- `gemm_topk`: encoder GEMM into a preallocated [N, M] buffer + torch.topk (the floor);
+- `sparse`: lgsae.step.train_step on GroupSAE (Triton on CUDA, lgsae.reference on CPU);
+- `dense`: the same step with the dense twin (conftest.dense_forward) as the forward;
+- `sparsify`: its trainer's step (sparsify/trainer.py, 1.3.3): forward(x, dead_mask) with an
+  all-False mask, fvu + auxk/32 + multi_topk_fvu/8, backward, remove the decoder-parallel
+  gradient, Adam step, zero_grad, renorm the decoder; same weights, same Adam (fused, paper lr).
+  No grad-norm clip (sparsify's trainer has none; ours clips at 1.0). On CUDA it runs as in its
+  trainer: forward under its own bf16 autocast, TF32 matmuls.
+Providers share one group per shape and dtype; the first (`gemm_topk`) is the denominator.
+
+extra_info: flops = the sparse step's useful work N·(2DM + 8KD) for every step provider (2NDM for
+`gemm_topk`), so flop_per_s is an effective rate; bytes = the minimum traffic, x once and 8
+passes over each of W_enc and W_dec (parameter, gradient, two Adam moments); peak_memory_mb =
+conftest.peak_memory_mb of one extra step (`sparse` frees its reused workspace first, so it is
+counted; `gemm_topk`'s preallocated buffer is not).
 """
 
-import os
+from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import device_name, sync
+from conftest import (
+    DEVICE,
+    dense_forward,
+    device_name,
+    median,
+    peak_memory_mb,
+    scale,
+    sparsify_coder,
+    sync,
+)
 
 from lgsae import GroupSAE, reference
-from lgsae.sae import ForwardOutput
-from lgsae.step import make_optimizer, train_step
+from lgsae.step import AUXK_COEF, make_optimizer, train_step
 
-SCALES = {  # name -> (N, D, M, K)
+SHAPES = {  # name -> (N, D, M, K)
+    "tiny": (512, 64, 512, 8),
     "small": (4096, 576, 9216, 32),  # the issue's CPU shape (SmolLM2 width, expansion 16)
     "paper": (16384, 768, 12288, 128),
 }
-SCALE = os.environ.get("LGSAE_BENCH_SCALE", "small")
-DEVICE = torch.device(os.environ.get("LGSAE_BENCH_DEVICE", "cuda" if torch.cuda.is_available()
-                                     else "cpu"))
-PROVIDERS = ["gemm_topk", "sparse", "dense"]
+PROVIDERS = ["gemm_topk", "sparse", "dense", "sparsify"]
 
 
-def dense_forward(sae: GroupSAE):
-    def forward(x, layer=None, dead_mask=None):
-        d = reference.dense_sae_forward(x, sae.encoder.weight, sae.encoder.bias, sae.W_dec,
-                                        sae.b_dec, sae.k, dead_mask,
-                                        sae.k_aux if dead_mask is not None else 0)
-        return ForwardOutput(*d)
+@contextmanager
+def _sparsify_precision():
+    """sparsify's Trainer.fit sets float32 matmul precision "high" (TF32) on CUDA for its run."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
-    return forward
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_step(benchmark, record, provider, dtype):
-    N, D, M, K = SCALES[SCALE]
-    torch.manual_seed(0)
-    sae = GroupSAE(D, k=K, num_latents=M, dtype=dtype, device=DEVICE, seed=0)
-    opt = make_optimizer(sae)
-    x = torch.randn(N, D, device=DEVICE, dtype=dtype)
-
+def _step_fn(provider: str, sae: GroupSAE, x: torch.Tensor):
+    N, K = x.shape[0], sae.k
     if provider == "gemm_topk":
         W, b = sae.encoder.weight.detach(), sae.encoder.bias.detach()
-        pre = torch.empty(N, M, device=DEVICE, dtype=dtype)  # preallocated: the floor's best case
+        pre = torch.empty(N, sae.num_latents, device=DEVICE, dtype=x.dtype)
+        return lambda: torch.addmm(b, x, W.t(), out=pre).topk(K, dim=1, sorted=False)
+    if provider == "sparsify":
+        sc = sparsify_coder(sae.state_dict(), sae.k)
+        opt = make_optimizer(sc)  # duck-typed: parameters() and num_latents
+        dead = torch.zeros(sc.num_latents, dtype=torch.bool, device=DEVICE)
 
-        def run():
-            return torch.addmm(b, x, W.t(), out=pre).topk(K, dim=1, sorted=False)
-    else:
-        fwd = dense_forward(sae) if provider == "dense" else None
+        def step():
+            with _sparsify_precision():
+                out = sc(x, dead_mask=dead)
+                loss = out.fvu + AUXK_COEF * out.auxk_loss + out.multi_topk_fvu / 8
+                loss.backward()
+                sc.remove_gradient_parallel_to_decoder_directions()
+                opt.step()
+                opt.zero_grad()
+                sc.set_decoder_norm_to_unit_norm()
+            return out
 
-        def run():
-            return train_step(sae, opt, x, forward=fwd)
+        return step
+    opt = make_optimizer(sae)
+    fwd = dense_forward(sae) if provider == "dense" else None
+    return lambda: train_step(sae, opt, x, forward=fwd)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step(benchmark, record, provider, dtype):
+    N, D, M, K = SHAPES[scale()]
+    torch.manual_seed(0)
+    sae = GroupSAE(D, k=K, num_latents=M, dtype=dtype, device=DEVICE, seed=0)
+    x = torch.randn(N, D, device=DEVICE, dtype=dtype)
+    run = _step_fn(provider, sae, x)
 
     def timed():
         out = run()
-        sync(DEVICE)
+        sync()
         return out
 
     benchmark.pedantic(timed, warmup_rounds=1, rounds=7 if DEVICE.type == "cpu" else 20)
-    record(benchmark, f"step N={N} D={D} M={M} K={K} {str(dtype)[6:]}", provider)
-    gemm_flops = 2 * N * D * M
+    name = str(dtype).removeprefix("torch.")
+    group = f"step N={N} D={D} M={M} K={K} {name}"
+    record(benchmark, group, provider)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing to report
+        return
+    reference.free_workspace()
+    t = benchmark.stats.stats.median
+    es = dtype.itemsize
+    flops = 2 * N * D * M if provider == "gemm_topk" else N * (2 * D * M + 8 * K * D)
+    moved = es * ((N * D + M * D + 2 * N * M) if provider == "gemm_topk"
+                  else (N * D + 16 * M * D))
     benchmark.extra_info.update(
-        N=N, D=D, M=M, K=K, dtype=str(dtype), device=device_name(DEVICE), provider=provider,
-        encoder_gemm_tflops_per_s=gemm_flops / benchmark.stats.stats.median / 1e12,
-    )
+        N=N, D=D, M=M, K=K, dtype=name, device=device_name(), scale=scale(), flops=flops,
+        flop_per_s=flops / t, gb_per_s=moved / t / 1e9, peak_memory_mb=peak_memory_mb(timed))
+    base = median(group.replace(name, "float32"), "sparsify")
+    if provider == "sparse" and dtype != torch.float32 and base is not None:
+        benchmark.extra_info["speedup_vs_sparsify_fp32"] = base / t
