@@ -9,7 +9,8 @@ peak memory <= 0.5x sparsify's.
 
 Timed, one call each (no dead latents, so no AuxK pass in any provider):
 - `gemm_topk`: encoder GEMM into a preallocated [N, M] buffer + torch.topk (the floor);
-- `sparse`: lgsae.step.train_step on GroupSAE (Triton on CUDA, lgsae.reference on CPU);
+- `sparse`: lgsae.step.train_step on GroupSAE (Triton on CUDA, lgsae.reference on CPU); in bf16
+  as the trainer's bf16 option runs it: bf16 matmuls over fp32 master weights and fp32 Adam;
 - `dense`: the same step with the dense twin (conftest.dense_forward) as the forward;
 - `sparsify`: its trainer's step (sparsify/trainer.py, 1.3.3): forward(x, dead_mask) with an
   all-False mask, fvu + auxk/32 + multi_topk_fvu/8, backward, remove the decoder-parallel
@@ -98,7 +99,11 @@ def _step_fn(provider: str, sae: GroupSAE, x: torch.Tensor):
 def test_step(benchmark, record, provider, dtype):
     N, D, M, K = SHAPES[scale()]
     torch.manual_seed(0)
-    sae = GroupSAE(D, k=K, num_latents=M, dtype=dtype, device=DEVICE, seed=0)
+    # our bf16 option (TrainConfig dtype="bfloat16") is bf16 matmuls over fp32 master weights;
+    # the floor, the dense twin and sparsify run with bf16 parameters
+    mixed = provider == "sparse" and dtype != torch.float32
+    sae = GroupSAE(D, k=K, num_latents=M, dtype=torch.float32 if mixed else dtype, device=DEVICE,
+                   seed=0, compute_dtype=dtype if mixed else None)
     x = torch.randn(N, D, device=DEVICE, dtype=dtype)
     run = _step_fn(provider, sae, x)
 

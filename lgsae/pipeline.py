@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--contiguous", action="store_true", help="only group neighbouring layers")
     a("--baselines", default="per-layer",
       help="comma list of per-layer,even,smaller,single (or 'none')")
-    a("--dtype", default="float32", choices=["float32", "bfloat16"], help="SAE parameters")
+    a("--dtype", default="float32", choices=["float32", "bfloat16"],
+      help="SAE matmuls; bfloat16 keeps fp32 master weights and Adam state")
     a("--model-dtype", default="float32", choices=["float32", "bfloat16"],
       help="model compute dtype for harvest and evaluation")
     a("--cache-dtype", default="bfloat16", choices=["float32", "bfloat16"],

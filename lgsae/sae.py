@@ -70,6 +70,7 @@ class GroupSAE(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         seed: int | None = None,
+        compute_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         M = num_latents or expansion_factor * d_in
@@ -89,6 +90,10 @@ class GroupSAE(nn.Module):
         _check(all(s > 0 and s < float("inf") for s in scales),
                f"scales must be finite and > 0, got {scales}")
         _check(k_aux is None or k_aux >= 0, f"k_aux must be >= 0 (0 turns AuxK off), got {k_aux}")
+        _check(compute_dtype is None or (isinstance(compute_dtype, torch.dtype) and
+                                         compute_dtype.is_floating_point),
+               f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
+        self._compute_dtype = compute_dtype
         self.d_in, self.num_latents, self.k = d_in, M, k
         self.expansion_factor = expansion_factor
         self.k_aux = d_in // 2 if k_aux is None else k_aux
@@ -163,22 +168,22 @@ class GroupSAE(nn.Module):
                    f"dead_mask must be a bool tensor of shape [{self.num_latents}] (one flag per "
                    f"latent), got {dead_mask.dtype} {tuple(dead_mask.shape)}")
         s = self.scale_for(layer, xf.shape[0])
-        xs = (xf * s).to(self.dtype)
-        acc = torch.promote_types(self.dtype, torch.float32)  # losses in fp32 (fp64 for checks)
+        xs = (xf * s).to(self.compute_dtype)
+        acc = torch.promote_types(self.compute_dtype, torch.float32)  # losses in fp32 (or fp64)
         xs32 = xs.to(acc)
         total_var = (xs32 - xs32.mean(0)).pow(2).sum() if total_variance is None \
             else total_variance.to(acc)
+        W_enc, b_enc, W_dec, b_dec = self._weights()
         top_acts, top_idx, aux_acts, aux_idx = ops.topk_encode(
-            xs, self.encoder.weight, self.encoder.bias, self.b_dec, self.k, dead_mask,
-            self.k_aux if dead_mask is not None else 0,
+            xs, W_enc, b_enc, b_dec, self.k, dead_mask, self.k_aux if dead_mask is not None else 0,
         )
-        recon_s = ops.sparse_decode(top_idx, top_acts, self.W_dec) + self.b_dec
+        recon_s = ops.sparse_decode(top_idx, top_acts, W_dec) + b_dec
         resid = xs32 - recon_s.to(acc)  # what the chosen latents failed to explain
         fvu = resid.pow(2).sum() / total_var
         if aux_idx.shape[1] > 0:
             # AuxK (Gao et al. 2024): the top dead latents reconstruct the residual; weight shrinks
             # when fewer latents are dead than k_aux.
-            e_hat = ops.sparse_decode(aux_idx, aux_acts, self.W_dec).to(acc)
+            e_hat = ops.sparse_decode(aux_idx, aux_acts, W_dec).to(acc)
             weight = min(int(dead_mask.sum()) / self.k_aux, 1.0)
             auxk = weight * (e_hat - resid.detach()).pow(2).sum() / total_var
         else:
@@ -190,33 +195,34 @@ class GroupSAE(nn.Module):
         )
 
     def loss_input(self, x: Tensor, layer: int | Tensor | None = None) -> Tensor:
-        """x [..., D] as `forward` sees it in its losses: scaled, SAE dtype, then fp32 [N, D]."""
+        """x [..., D] as `forward` sees it in its losses: scaled, compute dtype, then fp32."""
         xf = self._flat(x)
-        xs = (xf * self.scale_for(layer, xf.shape[0])).to(self.dtype)
-        return xs.to(torch.promote_types(self.dtype, torch.float32))
+        xs = (xf * self.scale_for(layer, xf.shape[0])).to(self.compute_dtype)
+        return xs.to(torch.promote_types(self.compute_dtype, torch.float32))
 
     def encode(self, x: Tensor, layer: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [..., D] raw activations -> (top_acts [..., K], top_indices [..., K])."""
         lead = x.shape[:-1]
         xf = self._flat(x)
-        xs = (xf * self.scale_for(layer, xf.shape[0])).to(self.dtype)
-        acts, idx, _, _ = ops.topk_encode(xs, self.encoder.weight, self.encoder.bias,
-                                          self.b_dec, self.k)
+        xs = (xf * self.scale_for(layer, xf.shape[0])).to(self.compute_dtype)
+        W_enc, b_enc, _, b_dec = self._weights()
+        acts, idx, _, _ = ops.topk_encode(xs, W_enc, b_enc, b_dec, self.k)
         return acts.view(*lead, self.k), idx.view(*lead, self.k)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor,
                layer: int | Tensor | None = None) -> Tensor:
         """(top_acts, top_indices) [..., K] -> [..., D] reconstruction, raw space of `layer`,
-        in the SAE's dtype (`forward` returns the input's dtype instead)."""
+        in the SAE's compute dtype (`forward` returns the input's dtype instead)."""
         _check(top_acts.shape == top_indices.shape,
                f"top_acts {tuple(top_acts.shape)} and top_indices {tuple(top_indices.shape)} "
                "must have the same shape [..., K]")
         lead, K = top_acts.shape[:-1], top_acts.shape[-1]
-        acts = top_acts.reshape(-1, K).to(self.dtype)
+        acts = top_acts.reshape(-1, K).to(self.compute_dtype)
         idx = top_indices.reshape(-1, K)
         s = self.scale_for(layer, acts.shape[0])
-        recon = (ops.sparse_decode(idx, acts, self.W_dec) + self.b_dec) / s
-        return recon.to(self.dtype).view(*lead, self.d_in)
+        _, _, W_dec, b_dec = self._weights()
+        recon = (ops.sparse_decode(idx, acts, W_dec) + b_dec) / s
+        return recon.to(self.compute_dtype).view(*lead, self.d_in)
 
     def encode_dense(self, x: Tensor, layer: int | Tensor | None = None) -> Tensor:
         """x: [..., D] -> [..., M] latent vector with K non-zeros per token."""
@@ -244,7 +250,21 @@ class GroupSAE(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
         return self.W_dec.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the matmuls: the parameters' own, or (mixed precision) e.g. bf16 over fp32
+        master weights."""
+        return self._compute_dtype or self.W_dec.dtype
+
+    def _weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(W_enc, b_enc, W_dec, b_dec) in the compute dtype: the parameters themselves, or cast
+        copies whose gradients flow back to the parameters (mixed precision)."""
+        cd = self.compute_dtype
+        return tuple(p if p.dtype == cd else p.to(cd)
+                     for p in (self.encoder.weight, self.encoder.bias, self.W_dec, self.b_dec))
 
     @property
     def device(self) -> torch.device:
@@ -265,6 +285,7 @@ class GroupSAE(nn.Module):
             "hookpoints": self.hookpoints,
             "k_aux": self.k_aux,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "format": "lgsae.GroupSAE/1",
         }
 
@@ -304,9 +325,16 @@ class GroupSAE(nn.Module):
             layers=cfg.get("layers", [0]), scales=cfg.get("scales"), model=cfg.get("model"),
             hookpoints=cfg.get("hookpoints"), k_aux=cfg.get("k_aux"),
             dtype=dtype or W_dec.dtype, device=device,
+            compute_dtype=_dtype(cfg.get("compute_dtype")) if cfg.get("compute_dtype") !=
+            cfg.get("dtype") else None,
         )
         sae.load_state_dict({n: tensors[n] for n in _TENSORS})
         return sae
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    dt = getattr(torch, name, None) if name else None
+    return dt if isinstance(dt, torch.dtype) else None
 
 
 def _is_int(v) -> bool:

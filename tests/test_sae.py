@@ -243,3 +243,33 @@ def test_decode_shape_mismatch_is_one_clear_error():
     sae = GroupSAE(D, k=3, num_latents=M)
     with pytest.raises(ValueError, match="must have the same shape"):
         sae.decode(torch.rand(4, 7), torch.randint(0, M, (4, 6)))
+
+
+def test_mixed_precision_computes_in_bf16_and_trains_fp32_master_weights(tmp_path):
+    """compute_dtype=bf16 over fp32 parameters: the forward and every gradient are those of a
+    bf16 SAE holding the same (rounded) weights; the parameters and their gradients stay fp32."""
+    kw = dict(k=5, num_latents=70, layers=[2, 3], scales=[0.5, 2.0], seed=3)
+    mixed = GroupSAE(24, compute_dtype=torch.bfloat16, **kw)
+    with torch.no_grad():
+        mixed.b_dec.normal_()
+        mixed.encoder.bias.normal_(0, 0.1)
+    pure = GroupSAE(24, dtype=torch.bfloat16, **kw)
+    pure.load_state_dict({n: t.bfloat16() for n, t in mixed.state_dict().items()})
+    x, layer = torch.randn(33, 24), torch.randint(2, 4, (33,))
+    dead = torch.zeros(70, dtype=torch.bool)
+    dead[::3] = True
+    outs = [sae(x, layer=layer, dead_mask=dead) for sae in (mixed, pure)]
+    for name in ("recon", "top_acts", "top_indices", "fvu", "auxk_loss"):
+        assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
+    for sae, out in zip((mixed, pure), outs):
+        (out.fvu + out.auxk_loss / 32).backward()
+    for (name, p), q in zip(mixed.named_parameters(), pure.parameters()):
+        assert p.dtype == p.grad.dtype == torch.float32, name
+        assert torch.equal(p.grad, q.grad.float()), name
+    assert (mixed.dtype, mixed.compute_dtype) == (torch.float32, torch.bfloat16)
+    back = GroupSAE.load(mixed.save(tmp_path / "mixed"))
+    assert (back.dtype, back.compute_dtype) == (torch.float32, torch.bfloat16)
+    assert GroupSAE.load(pure.save(tmp_path / "pure")).compute_dtype == torch.bfloat16
+    assert GroupSAE(24, **kw).compute_dtype == torch.float32
+    with pytest.raises(ValueError, match="compute_dtype must be a floating"):
+        GroupSAE(24, compute_dtype=torch.int8, **kw)

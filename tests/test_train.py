@@ -189,3 +189,21 @@ def test_width_mismatch_is_one_clear_error(tmp_path):
                     progress=False)
     with pytest.raises(ValueError, match="input width 32 does not match the SAE's d_in=16"):
         reconstruction_metrics({"x": {1: GroupSAE(16, k=2, num_latents=8, layers=[1])}}, cache)
+
+
+def test_bf16_training_keeps_fp32_master_weights(tmp_path):
+    cfg = HarvestConfig(model="tiny", dataset=write_texts(tmp_path / "t.jsonl"), tokens=512,
+                        ctx=32)
+    cache = harvest(cfg, root=tmp_path / "c", model=tiny_model(), tokenizer=CharTokenizer(61),
+                    progress=False)
+    spec = SAESpec("groups/L01-L02", "groups", [1, 2], 64)
+    trainer = Trainer([spec], cache, TrainConfig(k=4, batch=128, dtype="bfloat16"), "tiny")
+    before = trainer.saes[0].encoder.weight.detach().clone()
+    trainer.fit(progress=False)
+    sae = trainer.saes[0]
+    assert (sae.dtype, sae.compute_dtype) == (torch.float32, torch.bfloat16)
+    assert all(t.dtype == torch.float32 for st in trainer.opts[0].state.values()
+               for t in st.values() if t.dim())
+    # updates smaller than a bf16 ulp survive in the fp32 master weights
+    delta = (sae.encoder.weight.detach() - before).abs()
+    assert bool((delta[delta > 0] < before.abs()[delta > 0] / 256).any())
