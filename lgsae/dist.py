@@ -25,8 +25,14 @@ import torch.distributed as tdist
 
 T = TypeVar("T")
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# Rank 0 harvests while the others wait in a collective: allow for a long harvest.
-TIMEOUT = timedelta(minutes=float(os.environ.get("LGSAE_DIST_TIMEOUT_MIN", 240)))
+
+
+def timeout() -> timedelta:
+    """How long a rank waits in a collective: rank 0 harvests while the others wait, and when
+    the SAEs are spread, a rank that finishes first waits for the last one. Default 48 h
+    ($LGSAE_DIST_TIMEOUT_MIN); a rank that crashes still ends the job at once (torchrun stops
+    the others)."""
+    return timedelta(minutes=float(os.environ.get("LGSAE_DIST_TIMEOUT_MIN", 48 * 60)))
 
 
 class LaunchError(RuntimeError):
@@ -129,7 +135,7 @@ class Dist:
 
 
 def _rebuild(kind: str, msg: str) -> Exception:
-    cls = getattr(builtins, kind, None)
+    cls = LaunchError if kind == "LaunchError" else getattr(builtins, kind, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
         return cls(f"(rank 0) {msg}")
     return RuntimeError(f"(rank 0) {kind}: {msg}")
@@ -163,9 +169,9 @@ def init(device: str | torch.device) -> Dist:
     if world == 1:
         return Dist(device=device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    tdist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT,
+    tdist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout(),
                              **({"device_id": device} if backend == "nccl" else {}))
-    cpu_group = tdist.new_group(backend="gloo", timeout=TIMEOUT) if backend == "nccl" else None
+    cpu_group = tdist.new_group(backend="gloo", timeout=timeout()) if backend == "nccl" else None
     d = Dist(rank, world, local, device, cpu_group)
     ranks = d.gather(rank)
     if sorted(ranks) != list(range(world)):

@@ -145,7 +145,7 @@ class Trainer:
         self.dist = dist or Dist(device=torch.device(device))
         self.dp = data_parallel and self.dist.active
         if self.dp and cfg.batch % self.dist.world:
-            raise ValueError(f"--data-parallel splits each batch over the ranks: --batch "
+            raise ValueError(f"data parallel splits each batch over the ranks: --batch "
                              f"{cfg.batch} must be a multiple of the world size {self.dist.world}")
         self.index = list(range(len(specs))) if owned is None else list(owned)
         known = set(cache.layers)
@@ -309,8 +309,13 @@ class Trainer:
         save_file(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta))
         final = folder / f"step_{self.step:06d}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if final.exists():  # never a moment without a complete copy of this step on disk
+            aside = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-old-"))
+            os.replace(final, aside / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         for old in sorted(folder.glob("step_*"))[:-2 if self.dp else -1]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in folder.glob(".tmp-*"):  # left by a process killed while writing
@@ -321,13 +326,6 @@ class Trainer:
     def load_checkpoint(self, ckpt_dir: Path) -> bool:
         """Restore the latest checkpoint (data parallel: the latest that every rank has).
         Returns False if there is none."""
-        ranks = sorted(p.name for p in ckpt_dir.glob("rank*")) if ckpt_dir.is_dir() else []
-        written_by = len(ranks) or 1
-        if ckpt_dir.is_dir() and written_by != self.dist.world and \
-                (ranks or list(ckpt_dir.glob("step_*"))):
-            raise ValueError(f"{ckpt_dir} holds checkpoints of a run with {written_by} "
-                             f"process(es), this one has {self.dist.world}: resume with the same "
-                             "`torchrun --nproc_per_node`")
         folder = self.rank_folder(ckpt_dir)
         found = sorted(folder.glob("step_*")) if folder.is_dir() else []
         steps = [int(p.name[5:]) for p in found]
@@ -374,8 +372,9 @@ class Trainer:
             if stop_after is not None and self.step >= stop_after:
                 break
         bar.close()
-        if ckpt_dir is not None:
-            self.save_checkpoint(ckpt_dir)
+        if ckpt_dir is not None and not (cfg.checkpoint_every and
+                                         self.step % cfg.checkpoint_every == 0 and self.step):
+            self.save_checkpoint(ckpt_dir)  # unless the loop just saved this step
 
     def dead_pct(self, i: int) -> float:
         return 100.0 * float((self.since_fire[i] >= self.dead_window).float().mean())

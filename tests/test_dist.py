@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "LGSAE_CACHE": str(d / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {"LGSAE_CACHE": str(d / "cache"), "OMP_NUM_THREADS": "1"}
     flags = ["--model", tiny_model_dir(d / "m", n_layers=5),
              "--dataset", write_texts(d / "t.jsonl", n_docs=300), "--tokens", "2048",
              "--eval-tokens", "128", "--ctx", "32", "--batch", "256", "--expansion", "2",
@@ -34,7 +35,8 @@ def job(tmp_path_factory):
         cmd = [sys.executable, *target] if procs == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone",
              f"--nproc_per_node={procs}", *target]
-        proc = subprocess.run([*cmd, *flags, "--out", str(d / out), *extra], env=env,
+        proc = subprocess.run([*cmd, *flags, "--out", str(d / out), *extra],
+                              env={**os.environ, **env},
                               capture_output=True, text=True)
         if check:
             assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,7 +74,7 @@ def test_saes_spread_over_ranks_equal_the_one_process_run(job):
              for r in (0, 1)]
     assert sorted(owned[0]["index"] + owned[1]["index"]) == list(range(7))
     assert owned[0]["index"] and owned[1]["index"]
-    # only rank 0 wrote the shared files; every file the 1-process run writes is there
+    # the same files as the 1-process run (the shared ones come from rank 0's on_main)
     names = [{p.name for p in (root / run).iterdir()} for run in ("one", "spread")]
     assert names[0] == names[1]
 
@@ -99,7 +101,7 @@ import os, signal, sys
 import lgsae.train as T
 real = T.Trainer.train_batch
 def dying(self, batch):
-    if self.step == 5 and os.environ["RANK"] == "1":
+    if self.step == int(os.environ["DIE_AT"]) and os.environ["RANK"] == "1":
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, batch)
 T.Trainer.train_batch = dying
@@ -107,18 +109,21 @@ T.main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("mode", ["spread", "dp"])
-def test_resume_after_one_rank_is_killed(job, mode):
+@pytest.mark.parametrize("mode,die_at", [("spread", 5), ("dp", 5), ("spread", 1)])
+def test_resume_after_one_rank_is_killed(job, mode, die_at, monkeypatch):
+    """Rank 1 is SIGKILLed before step `die_at` (checkpoints every 2 steps): after step 4's
+    checkpoint, or (die_at 1) before it wrote any while rank 0 may have."""
     root = job["root"]
     script = root / "die.py"
     script.write_text(_DIE)
+    monkeypatch.setenv("DIE_AT", str(die_at))
     extra = ["--data-parallel"] if mode == "dp" else []
-    out = f"killed-{mode}"
+    out = f"killed-{mode}-{die_at}"
     proc = job["launch"](out, *extra, procs=2, script=str(script), check=False)
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-3000:]
     assert not (root / out / "metrics.json").exists()
     assert sorted(p.name for p in (root / out / "checkpoints" / "rank1").glob("step_*"))[-1:] == \
-        ["step_000004"]
+        ([f"step_{die_at - die_at % 2:06d}"] if die_at >= 2 else [])
     job["launch"](out, *extra, "--resume", procs=2)
     if mode == "spread":
         same_files(root / "one", root / out)
@@ -130,11 +135,14 @@ def test_resume_after_one_rank_is_killed(job, mode):
 
 def test_resume_with_another_world_size_is_refused(job, tmp_path):
     root = job["root"]
-    a = parse_args(["--out", str(root / "one"), "--resume"])
+    copy = root / "one-copy"  # a copy: a broken refusal must not damage the reference run
+    shutil.copytree(root / "one", copy)
+    a = parse_args(["--out", str(copy), "--resume"])
     with pytest.raises(ValueError, match="was run by 1 process.*--nproc_per_node 1"):
         _prepare_out(a, world=2)
-    proc = job["launch"]("one", "--resume", procs=2, check=False)
+    proc = job["launch"]("one-copy", "--resume", procs=2, check=False)
     assert proc.returncode != 0 and "was run by 1 process" in proc.stderr
+    assert (copy / "run.json").read_bytes() == (root / "one" / "run.json").read_bytes()
 
 
 def test_inconsistent_environment_is_one_clear_error(monkeypatch):
@@ -160,17 +168,24 @@ def test_balance_spreads_cost_evenly():
     assert dist.balance([3, 2], 3) == [[0], [1], []]
 
 
-def _collectives(rank: int, port: int, errors) -> None:
+def _collectives(rank: int, port: int, errors, flag: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LGSAE_DIST_TIMEOUT_MIN="1")  # a failed assert must not hang the peer
     d = dist.init("cpu")
     try:
         t = [torch.full((3,), float(rank + 1)), torch.full((2,), 10.0 * (rank + 1))]
         d.all_reduce_many_(t)
         assert t[0].tolist() == [3.0] * 3 and t[1].tolist() == [30.0] * 2
         assert d.gather(rank * 7) == [0, 7]
-        order = []
-        assert d.main_first(lambda: order.append(rank) or rank) == rank
+        def first():  # rank 0 runs first: the others find its file
+            if rank == 0:
+                Path(flag).write_text("done")
+            else:
+                assert Path(flag).read_text() == "done"
+            return rank
+
+        assert d.main_first(first) == rank
         assert d.on_main(lambda: "from 0" if d.is_main else "never") == "from 0"
         try:
             d.on_main(lambda: int("x"))
@@ -187,7 +202,7 @@ def _collectives(rank: int, port: int, errors) -> None:
         errors.put(f"rank {rank}: {e!r}")
 
 
-def test_collectives_over_gloo():
+def test_collectives_over_gloo(tmp_path):
     import socket
 
     with socket.socket() as s:
@@ -195,10 +210,14 @@ def test_collectives_over_gloo():
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    procs = [ctx.Process(target=_collectives, args=(r, port, errors)) for r in (0, 1)]
+    procs = [ctx.Process(target=_collectives, args=(r, port, errors, str(tmp_path / "flag")),
+                         daemon=True) for r in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
     found = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
     assert not found and all(p.exitcode == 0 for p in procs), (found, [p.exitcode for p in procs])
