@@ -242,8 +242,12 @@ class GroupSAE(nn.Module):
         ops.renorm_decoder_(self.W_dec.data)
 
     def _apply(self, fn, recurse=True):
-        # .to(bf16)/.half() would round the scales buffer too; rebuild it from the exact values
+        # .to(bf16)/.half() would round the scales buffer too; rebuild it from the exact values.
+        # A cast of the parameters (.double(), .to(dtype)) makes them the compute dtype again.
+        before = self.W_dec.dtype
         super()._apply(fn, recurse)
+        if self.W_dec.dtype != before:
+            self._compute_dtype = None
         self.scales = torch.tensor(self._scale_values, dtype=torch.float32,
                                    device=self.scales.device)
         return self

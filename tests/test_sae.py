@@ -271,5 +271,7 @@ def test_mixed_precision_computes_in_bf16_and_trains_fp32_master_weights(tmp_pat
     assert (back.dtype, back.compute_dtype) == (torch.float32, torch.bfloat16)
     assert GroupSAE.load(pure.save(tmp_path / "pure")).compute_dtype == torch.bfloat16
     assert GroupSAE(24, **kw).compute_dtype == torch.float32
+    assert mixed.to("cpu").compute_dtype == torch.bfloat16  # a move keeps it
+    assert mixed.double().compute_dtype == torch.float64  # a cast computes in the new dtype
     with pytest.raises(ValueError, match="compute_dtype must be a floating"):
         GroupSAE(24, compute_dtype=torch.int8, **kw)
