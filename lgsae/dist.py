@@ -149,9 +149,11 @@ def init(device: str | torch.device) -> Dist:
         return Dist(device=device)
     missing = [k for k, v in env.items() if v is None]
     if missing:
-        raise LaunchError(f"inconsistent launch: {', '.join(missing)} not set while "
-                          f"{', '.join(k for k in _ENV if k not in missing)} are; start the job "
-                          "with `torchrun --nproc_per_node N -m lgsae.train ...`")
+        given = [k for k in _ENV if k not in missing]
+        raise LaunchError(f"inconsistent launch: {', '.join(given)} "
+                          f"{'is' if len(given) == 1 else 'are'} set but not "
+                          f"{', '.join(missing)}; start the job with "
+                          "`torchrun --nproc_per_node N -m lgsae.train ...`")
     try:
         rank, world, local = (int(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     except ValueError:
