@@ -205,9 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         prog="python -m lgsae.groups", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Harvest every layer, measure layer distances, and group similar layers.")
-    p.add_argument("--model", default=None, help="HF name or local path (default: SmolLM2-135M)")
+    p.add_argument("--model", default=None,
+                   help="HF name or local path; None = SmolLM2-135M-Instruct, offline")
     p.add_argument("--dataset", default=None,
-                   help="HF dataset, local .json/.jsonl/.txt (default: packaged Wikipedia leads)")
+                   help="HF dataset, local .json/.jsonl/.txt; None = the packaged Wikipedia leads")
     p.add_argument("--text-column", default="text", help="text column of --dataset")
     p.add_argument("--tokens", type=int, default=20_480, help="tokens to harvest")
     p.add_argument("--ctx", type=int, default=256, help="context length")

@@ -37,9 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train one TopK SAE per group of similar layers (and the baselines), "
                     "evaluate them on held-out tokens and write a report.")
     a = p.add_argument
-    a("--model", default=None, help=f"HF name or local path (default: {DEFAULT_MODEL}, offline)")
+    a("--model", default=None, help=f"HF name or local path; None = {DEFAULT_MODEL}, offline")
     a("--dataset", default=None,
-      help="HF dataset, local .json/.jsonl/.txt (default: packaged Wikipedia leads)")
+      help="HF dataset, local .json/.jsonl/.txt; None = the packaged Wikipedia leads")
     a("--text-column", default="text", help="text column of --dataset")
     a("--tokens", type=int, default=49_152, help="training tokens (one pass, every SAE)")
     a("--eval-tokens", type=int, default=1024, help="held-out tokens for evaluation")
