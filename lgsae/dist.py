@@ -58,10 +58,6 @@ class Dist:
         return self.world > 1
 
     # ------------------------------------------------------------------ collectives
-    def barrier(self) -> None:
-        if self.active:
-            tdist.barrier(group=self.cpu_group)
-
     def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In place over all ranks (op: sum or max); returns t. CPU tensors go over gloo, device
         tensors over the job's backend (NCCL on GPUs)."""
