@@ -4,12 +4,17 @@ N×M pre-activations never reach global memory (DESIGN §4), and its sparse back
 Forward design. A program owns BLOCK_N rows and sweeps all M latents in BLOCK_M tiles; each
 [BLOCK_N, BLOCK_M] pre tile is a `tl.dot` over D in BLOCK_D chunks with fp32 accumulation (b_dec is
 subtracted from the x chunk as it is loaded, b_enc added after; fp32 inputs use exact "ieee"
-products, like torch's default). Each pre value is packed with its latent id into one int64 key:
-the fp32 bits made monotone (negative floats get their 31 low bits flipped, so signed-int order is
-float order) in the high word, the id in the low word. A sort of keys therefore carries the index
+products, like torch's default). Each pre value is packed with its latent id into one integer
+key: the value's bits made monotone (negative floats get their low bits flipped, so signed-int
+order is float order) in the high half, the id in the low half. fp32 inputs use int64 keys (the
+fp32 value, a 32-bit id). fp16/bf16 inputs with M ≤ 2**16 use int32 keys: the value rounded to the
+input dtype, as torch's pre-activations are, and a 16-bit id. That halves the compare/select and
+shuffle work of the sorting network, which is most of the kernel's instructions, and the registers
+(sm_90, bf16, K=32, no AuxK: 2,176 SASS instructions per program instead of 3,368, 116 registers
+instead of 151); wider SAEs fall back to int64 keys. A sort of keys therefore carries the index
 along, and keys are unique (equal values: the larger id wins). The running top-K of each row is a
 [BLOCK_N, KP] key tile kept sorted ascending (KP = next power of two ≥ max(k, 16); padding is the
-smallest int64). Per tile, `tl.topk(keys, KP)` gives the tile's best KP sorted descending; the
+smallest key). Per tile, `tl.topk(keys, KP)` gives the tile's best KP sorted descending; the
 elementwise max of an ascending and a descending sorted list is a bitonic list holding the top KP
 of their union, and `tl.bitonic_merge` sorts it again in log2(KP) compare-exchange rounds (the
 bitonic top-k of Shanbhag et al., "Efficient Top-K Query Processing on Massively Parallel
@@ -49,15 +54,25 @@ MAX_FUSED_K = 256  # largest KP (and KA) the fused kernel keeps in registers wit
 MIN_WIDTH = 16  # smallest KP / KA compiled
 FALLBACK_ELEMENTS = 1 << 26  # pre-activations per row chunk on the fallback path (256 MB fp32)
 SEGMENT_BLOCK = 32  # pairs per step of the db_enc segment sum (one warp)
-_EMPTY = tl.constexpr(-(2**63))  # padding key: below every packed pre-activation
+MAX_KEY16_LATENTS = 1 << 16  # int32 keys hold the latent id in 16 bits
 
 
 @triton.jit
-def _pack(pre, offs_m):
-    """fp32 [BN, BM] values and int64 [BM] latent ids -> int64 keys ordered by (value, id)."""
-    bits = pre.to(tl.int32, bitcast=True)
-    mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return (mono.to(tl.int64) << 32) | offs_m[None, :]
+def _pack(pre, offs_m, KEY16: tl.constexpr, VAL_DTYPE: tl.constexpr):
+    """fp32 [BN, BM] values and [BM] latent ids -> keys ordered by (value, id).
+
+    KEY16 (16-bit inputs, M ≤ 2**16): int32 keys, the value rounded to VAL_DTYPE (what torch's
+    fp16/bf16 pre-activations hold) made monotone in the high 16 bits, the id in the low 16. Else
+    int64 keys: the fp32 value's monotone bits in the high word, the id in the low word.
+    """
+    if KEY16:
+        bits = pre.to(VAL_DTYPE).to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
+        mono = tl.where(bits < 0, bits ^ 0x7FFF, bits)
+        return (mono << 16) | offs_m[None, :].to(tl.int32)
+    else:
+        bits = pre.to(tl.int32, bitcast=True)
+        mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        return (mono.to(tl.int64) << 32) | offs_m[None, :]
 
 
 @triton.jit
@@ -68,12 +83,19 @@ def _merge(run, keys, KP: tl.constexpr):
 
 
 @triton.jit
-def _store_top(run, rows, mask_n, acts_ptr, idx_ptr, K, KP: tl.constexpr):
+def _store_top(run, rows, mask_n, acts_ptr, idx_ptr, K, KP: tl.constexpr, KEY16: tl.constexpr,
+               VAL_DTYPE: tl.constexpr):
     """Write the K largest keys of `run` (ascending) as descending values (ReLU'd) and ids."""
     j = KP - 1 - tl.arange(0, KP)  # output slot of each column
-    hi = (run >> 32).to(tl.int32)
-    vals = tl.where(hi < 0, hi ^ 0x7FFFFFFF, hi).to(tl.float32, bitcast=True)
-    ids = (run << 32) >> 32  # the low word; ids < 2**31, so sign extension keeps them
+    if KEY16:
+        hi = run >> 16  # arithmetic: the monotone 16 bits, sign-extended
+        vals = tl.where(hi < 0, hi ^ 0x7FFF, hi).to(tl.int16).to(VAL_DTYPE, bitcast=True)
+        vals = vals.to(tl.float32)
+        ids = (run & 0xFFFF).to(tl.int64)
+    else:
+        hi = (run >> 32).to(tl.int32)
+        vals = tl.where(hi < 0, hi ^ 0x7FFFFFFF, hi).to(tl.float32, bitcast=True)
+        ids = (run << 32) >> 32  # the low word; ids < 2**31, so sign extension keeps them
     mask = mask_n[:, None] & (j < K)[None, :]
     offs = rows[:, None] * K + j[None, :]
     tl.store(acts_ptr + offs, tl.maximum(vals, 0.0).to(acts_ptr.dtype.element_ty), mask=mask)
@@ -99,14 +121,19 @@ def _topk_encode_kernel(
     KP: tl.constexpr,  # next power of two >= K
     KA: tl.constexpr,  # next power of two >= K_AUX (1 when not HAS_AUX)
     HAS_AUX: tl.constexpr,
+    KEY16: tl.constexpr,  # int32 keys with 16-bit values (16-bit dtypes, M <= 2**16)
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rows < N
-    top = tl.full([BLOCK_N, KP], _EMPTY, tl.int64)
-    aux = tl.full([BLOCK_N, KA], _EMPTY, tl.int64)
+    VAL: tl.constexpr = x_ptr.dtype.element_ty
+    # padding key: below every packed pre-activation
+    EMPTY: tl.constexpr = -(2**31) if KEY16 else -(2**63)
+    KEY: tl.constexpr = tl.int32 if KEY16 else tl.int64
+    top = tl.full([BLOCK_N, KP], EMPTY, KEY)
+    aux = tl.full([BLOCK_N, KA], EMPTY, KEY)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < M
@@ -124,14 +151,14 @@ def _topk_encode_kernel(
             # fp32 inputs: exact products, as torch's default (no TF32) reference
             acc = tl.dot(xc, w, acc, input_precision="ieee")
         acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0).to(tl.float32)[None, :]
-        keys = tl.where(mask_m[None, :], _pack(acc, offs_m), _EMPTY)
+        keys = tl.where(mask_m[None, :], _pack(acc, offs_m, KEY16, VAL), EMPTY)
         top = _merge(top, keys, KP)
         if HAS_AUX:
             dead = tl.load(dead_ptr + offs_m, mask=mask_m, other=0) != 0
-            aux = _merge(aux, tl.where(dead[None, :], keys, _EMPTY), KA)
-    _store_top(top, rows, mask_n, top_acts_ptr, top_idx_ptr, K, KP)
+            aux = _merge(aux, tl.where(dead[None, :], keys, EMPTY), KA)
+    _store_top(top, rows, mask_n, top_acts_ptr, top_idx_ptr, K, KP, KEY16, VAL)
     if HAS_AUX:
-        _store_top(aux, rows, mask_n, aux_acts_ptr, aux_idx_ptr, K_AUX, KA)
+        _store_top(aux, rows, mask_n, aux_acts_ptr, aux_idx_ptr, K_AUX, KA, KEY16, VAL)
 
 
 @triton.jit
@@ -155,6 +182,16 @@ def _segment_sum_kernel(
     tl.store(out_ptr + m, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
 
 
+def key16(dtype: torch.dtype, M: int) -> bool:
+    """Whether the fused forward ranks int32 keys (16-bit value, 16-bit id) instead of int64 ones.
+
+    fp16/bf16 pre-activations are rounded to that dtype by torch too, so ranking the rounded value
+    selects what the reference selects (ties aside); half-width keys halve the compare/select and
+    shuffle instructions of the sorting network, which is most of the kernel's instruction count.
+    """
+    return dtype in (torch.float16, torch.bfloat16) and M <= MAX_KEY16_LATENTS
+
+
 def candidate_width(k: int) -> int:
     """Keys kept per row for a top-k: the next power of two ≥ k (tl.topk needs one), at least
     MIN_WIDTH so that few distinct kernels exist (tests/test_kernels_aot.py compiles them all)."""
@@ -166,8 +203,11 @@ def block_config(D: int, KP: int, KA: int = 0) -> dict:
 
     A tile must hold at least max(KP, KA) latents for tl.topk. Registers per thread grow with
     BLOCK_N·(BLOCK_M + 2·KP + 2·KA) (fp32 tile, int64 keys), so BLOCK_N shrinks as K grows; every
-    config here compiles for sm_80/sm_90 without spills (tests/test_kernels_aot.py). BLOCK_D = 64
-    keeps the two dot operands in about 40–70 KB of shared memory with the default 3 stages.
+    config here compiles for sm_80/sm_90 without spills with either key width
+    (tests/test_kernels_aot.py). BLOCK_D = 64 keeps the two dot operands in about 40–70 KB of
+    shared memory with the default 3 stages. These are compile-time choices, not yet timed on a
+    GPU: bench/sweep_encode.py times them against alternatives. On sm_90 only BLOCK_N = 64 tiles
+    compile to wgmma (HGMMA); BLOCK_N ≤ 32 use mma.sync (HMMA).
     """
     kmax = max(KP, KA)
     if kmax > MAX_FUSED_K:
@@ -217,12 +257,15 @@ def topk_encode(
     k: int,
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
+    config: dict | None = None,
 ) -> EncodeOut:
     """topk_encode(x[N,D], W_enc[M,D], b_enc[M], b_dec[D], k) -> EncodeOut, values descending.
 
     Equals `ReLU((x - b_dec) @ W_enc.T + b_enc).topk(k)` (indices may differ only at ties). With
     `dead_mask[M]` (bool) and `k_aux > 0`, also the top-min(k_aux, #dead) among the dead latents,
     as `lgsae.reference.topk_encode`. All inputs share one dtype; products accumulate in fp32.
+    `config` (BLOCK_N, BLOCK_M ≥ max(KP, KA), BLOCK_D, num_warps, optionally num_stages) replaces
+    `block_config`'s choice for the fused kernel: for tuning (bench/sweep_encode.py) and tests.
     """
     _check(x, W_enc, b_enc, b_dec, dead_mask)
     N, D = x.shape
@@ -246,14 +289,18 @@ def topk_encode(
     aux_idx = torch.empty(N, kk if fused_aux else 0, dtype=torch.int64, device=x.device)
     if N > 0:
         KA = KA if fused_aux else 0
-        cfg = block_config(D, KP, KA)
+        cfg = dict(config) if config is not None else block_config(D, KP, KA)
+        if cfg["BLOCK_M"] < max(KP, KA):
+            raise ValueError(f"config BLOCK_M = {cfg['BLOCK_M']} must be >= max(KP, KA) = "
+                             f"{max(KP, KA)} (tl.topk takes KP of a tile's BLOCK_M keys)")
         # the kernel reads dead_ptr only under HAS_AUX; any tensor fills the slot otherwise
         dead = dead_mask.contiguous().view(torch.uint8) if fused_aux else top_idx
         grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
         try:
             _topk_encode_kernel[grid](
                 x, W_enc, b_enc, b_dec, dead, top_acts, top_idx, aux_acts, aux_idx,
-                N, M, D, k, kk, KP=KP, KA=max(KA, 1), HAS_AUX=fused_aux, **cfg,
+                N, M, D, k, kk, KP=KP, KA=max(KA, 1), HAS_AUX=fused_aux,
+                KEY16=key16(x.dtype, M), **cfg,
             )
         except OutOfResources as e:
             # e.g. fp32 with KA=256 wants ~144 KB of shared memory: sm_80/sm_90 have it, sm_86/89

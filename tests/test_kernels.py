@@ -26,6 +26,7 @@ from conftest import assert_close  # noqa: E402
 from lgsae import reference  # noqa: E402
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from lgsae.kernels import decoder_norm as NORM  # noqa: E402
 from lgsae.kernels import sparse_decode as DECODE  # noqa: E402
 from lgsae.kernels import topk_encode as ENCODE  # noqa: E402
@@ -306,6 +307,21 @@ def test_topk_encode_heuristic_tiles():
 
 
 @interpreter
+def test_topk_encode_explicit_config(monkeypatch):
+    """`config=` (bench/sweep_encode.py's variants) replaces block_config's tiles, and a BLOCK_M
+    narrower than the candidate set gets one clear error."""
+    monkeypatch.setattr(ENCODE, "block_config", None)  # must not be consulted
+    cfg = {"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_D": 16, "num_warps": 4}
+    mod = type("Configured", (), {
+        "topk_encode": staticmethod(lambda *a: ENCODE.topk_encode(*a, config=cfg)),
+        "topk_encode_backward": staticmethod(ENCODE.topk_encode_backward)})
+    encode_case(mod, 5, 48, 100, 20, "some", 10, False, torch.float16)  # KP = 32 = BLOCK_M
+    x, W, b, bd = torch.randn(2, 48), torch.randn(37, 48), torch.zeros(37), torch.zeros(48)
+    with pytest.raises(ValueError, match=r"BLOCK_M = 16 must be >= max\(KP, KA\) = 32"):
+        ENCODE.topk_encode(x, W, b, bd, 20, config={**cfg, "BLOCK_M": 16})
+
+
+@interpreter
 def test_topk_encode_wide_k_falls_back(monkeypatch, small_encode_tiles):
     """Past MAX_FUSED_K the launcher uses the reference in row chunks (top-k), or the fused top-k
     plus the reference on the dead latents' rows (AuxK): still the right answer."""
@@ -332,6 +348,44 @@ def test_topk_encode_rejects_bad_inputs():
         ENCODE.topk_encode(x.half(), W, b, bd, 3)
     with pytest.raises(ValueError, match="bool"):
         ENCODE.topk_encode(x, W, b, bd, 3, torch.zeros(37), 4)
+
+
+@triton.jit
+def _key_roundtrip_kernel(vals_ptr, ids_ptr, acts_ptr, idx_ptr, K, KEY16: tl.constexpr,
+                          BN: tl.constexpr, BM: tl.constexpr):
+    """Pack [BN, BM] fp32 values with [BM] latent ids as the encoder does, sort the keys ascending
+    (as its running top-k set is kept) and store the top K as the encoder stores them."""
+    rows = tl.arange(0, BN).to(tl.int64)
+    cols = tl.arange(0, BM)
+    vals = tl.load(vals_ptr + rows[:, None] * BM + cols[None, :])
+    keys = ENCODE._pack(vals, tl.load(ids_ptr + cols), KEY16, acts_ptr.dtype.element_ty)
+    ENCODE._store_top(tl.sort(keys), rows, rows < BN, acts_ptr, idx_ptr, K, BM, KEY16,
+                      acts_ptr.dtype.element_ty)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_topk_keys_order_by_value_then_id(dtype):
+    """The packed keys rank (value in the input dtype, latent id) and unpack to both exactly: ids
+    past 2**15 (the sign bit of a 16-bit id field) and 2**16 − 1, negative values, and values that
+    tie once rounded to fp16 (the larger id must win). The kernel tests' M stays far below 2**15."""
+    key16 = ENCODE.key16(dtype, ENCODE.MAX_KEY16_LATENTS)
+    assert key16 == (dtype == torch.float16) and not ENCODE.key16(dtype, 2**16 + 1)
+    BN, BM, K = 4, 16, 9
+    top_id = 2**16 - 1 if key16 else 2**31 - 1
+    ids = torch.cat([torch.tensor([0, 2**15 - 1, 2**15, top_id]),
+                     torch.randperm(1000)[:BM - 4] * (top_id // 1000) + 1])  # distinct
+    # steps of 1/8 away from 0 (no ±0 ties), jittered below one fp16 ulp: ties after rounding
+    vals = (torch.randint(-3, 3, (BN, BM)) + 0.5) / 8 + torch.rand(BN, BM) * 1e-4
+    vals[1] = vals[1, 0]  # a whole row tied: the K largest ids win
+    acts = torch.full((BN, K), float("nan"), dtype=dtype)
+    idx = torch.full((BN, K), -1, dtype=torch.int64)
+    _key_roundtrip_kernel[(1,)](vals, ids, acts, idx, K, KEY16=key16, BN=BN, BM=BM)
+    rounded = vals.to(dtype).float()
+    for r in range(BN):
+        want = sorted(zip(rounded[r].tolist(), ids.tolist()), reverse=True)[:K]
+        assert idx[r].tolist() == [i for _, i in want], f"row {r}: wrong order or ids"
+        assert acts[r].float().tolist() == [max(v, 0.0) for v, _ in want], f"row {r}: values"
 
 
 # the paper's shape (N=16384, D=768, M=12288, K=32 and 128) with 1% dead (AuxK fused) and a third

@@ -93,9 +93,13 @@ def _topk_encode_jobs(mod, jobs):
                 for dt in DTYPES:
                     p = f"*{dt}"
                     types = [p, p, p, p, "*u8", p, "*i64", p, "*i64"] + ["i32"] * 5
-                    consts = {"KP": KP, "KA": max(KA, 1), "HAS_AUX": KA > 0, **blocks}
-                    jobs[(mod._topk_encode_kernel.__name__, label, dt, D % 16 == 0)] = (
-                        mod._topk_encode_kernel, types, consts, c["num_warps"], label)
+                    # 16-bit inputs rank int32 keys up to 2**16 latents, int64 keys past that
+                    for key16 in (False,) if dt == "fp32" else (True, False):
+                        consts = {"KP": KP, "KA": max(KA, 1), "HAS_AUX": KA > 0,
+                                  "KEY16": key16, **blocks}
+                        lab = f"{label} key{32 if key16 else 64}"
+                        jobs[(mod._topk_encode_kernel.__name__, lab, dt, D % 16 == 0)] = (
+                            mod._topk_encode_kernel, types, consts, c["num_warps"], lab)
     for dt in DTYPES:
         jobs[(mod._segment_sum_kernel.__name__, "", dt, False)] = (
             mod._segment_sum_kernel, [f"*{dt}", "*i64", "*i64", f"*{dt}"],
@@ -150,10 +154,10 @@ def test_every_kernel_config_compiles_without_spills(capsys):
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     rows, total = lines[:-1], lines[-1]["total"]
     assert len(rows) == total > 0
-    head = (f"{'kernel':22} {'config':50} {'arch':6} {'regs':>4} {'smem dyn':>8} "
+    head = (f"{'kernel':22} {'config':58} {'arch':6} {'regs':>4} {'smem dyn':>8} "
             f"{'smem static':>11} {'stack':>5} {'local':>5}")
     table = [head] + [
-        f"{r['kernel']:22} {r['config']:50} {r['arch']:6} {r['reg']:4d} {r['smem_dyn']:8d} "
+        f"{r['kernel']:22} {r['config']:58} {r['arch']:6} {r['reg']:4d} {r['smem_dyn']:8d} "
         f"{r['smem_static']:11d} {r['stack']:5d} {r['local']:5d}" for r in rows
     ]
     with capsys.disabled():
