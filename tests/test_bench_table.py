@@ -91,3 +91,32 @@ def test_readme_markers_replaced_atomically_and_missing_markers_fail(tmp_path):
     proc = subprocess.run([sys.executable, str(TABLE), str(path), "--readme", str(bare)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "needs the markers" in proc.stderr
+
+
+def test_sweep_encode_check_rejects_wrong_selections():
+    """bench/sweep_encode.py times a configuration only after `check` accepts its output."""
+    spec = importlib.util.spec_from_file_location(
+        "sweep_encode", TABLE.parent / "sweep_encode.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    import torch
+
+    from lgsae.reference import EncodeOut
+
+    pre = torch.randn(6, 50).relu()
+    want = pre.topk(5, dim=1)
+    good = EncodeOut(want.values.flip(1), want.indices.flip(1), None, None)  # any order is fine
+    assert sweep.check(good, want.values, 50, 5) is None
+    worse = want.values.clone()
+    worse[2, 0] -= 0.5
+    assert "values differ" in sweep.check(EncodeOut(worse, want.indices, None, None),
+                                          want.values, 50, 5)
+    twice = want.indices.clone()
+    twice[1, 1] = twice[1, 0]
+    assert "twice" in sweep.check(EncodeOut(want.values, twice, None, None), want.values, 50, 5)
+    outside = want.indices.clone()
+    outside[0, 0] = 50
+    assert "range" in sweep.check(EncodeOut(want.values, outside, None, None),
+                                  want.values, 50, 5)
+    if not torch.cuda.is_available():
+        assert sweep.main([]) == 2  # no GPU: says so and exits 2, timing nothing
