@@ -6,7 +6,8 @@ Issue 3's target is the forward at N=16384, D=768, M=12288, K ∈ {32, 128}, bf1
 (cuBLAS GEMM + torch.topk) at K=32. `block_config` picks the launcher's tiles from compile-time
 facts only (registers, no spills; tests/test_kernels_aot.py); this script is the measurement that
 should confirm or replace it. For each (K, k_aux) it runs the floor (`addmm` into a preallocated
-buffer, ReLU, `torch.topk`) and the launcher at its default configuration plus the variants below,
+buffer, ReLU, `torch.topk`) and the launcher at its default configuration plus the variants below
+(for the top-k sweep; with k_aux > 0 the AuxK sweep over the dead latents runs at its defaults),
 each checked against the floor's values first (sorted top-k values within the dtype's rounding,
 indices distinct and in range) and timed with `triton.testing.do_bench` (median of ~200 ms of
 runs after warm-up). It prints one table and writes every row (with the device name) as JSON.
@@ -23,7 +24,7 @@ import warnings
 
 import torch
 
-VARIANTS = {  # extra (BLOCK_N, BLOCK_M, num_warps) per max(KP, KA); BLOCK_D = 64 throughout
+VARIANTS = {  # extra (BLOCK_N, BLOCK_M, num_warps) per candidate width KP; BLOCK_D = 64
     32: [(64, 128, 8), (128, 64, 8), (64, 64, 4), (128, 128, 8)],
     64: [(64, 64, 8), (64, 128, 8)],
     128: [(64, 128, 8), (32, 128, 4), (16, 128, 8)],
@@ -98,11 +99,10 @@ def main(argv=None) -> int:
         for k_aux in a.k_aux:
             kk = min(k_aux, int(dead.sum()))
             KP = E.candidate_width(k)
-            KA = max(E.candidate_width(kk), KP) if kk > 0 else 0
-            default = E.block_config(a.d, KP, KA)
+            default = E.block_config(a.d, KP)
             configs = [default] + [
                 {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_D": default["BLOCK_D"], "num_warps": w}
-                for bn, bm, w in VARIANTS.get(max(KP, KA), []) if bm >= max(KP, KA)]
+                for bn, bm, w in VARIANTS.get(KP, []) if bm >= KP]
             for cfg in configs:
                 label = (f"BN={cfg['BLOCK_N']} BM={cfg['BLOCK_M']} w={cfg['num_warps']}"
                          + (" (default)" if cfg is default else ""))

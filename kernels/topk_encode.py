@@ -18,12 +18,19 @@ smallest key). Per tile, `tl.topk(keys, KP)` gives the tile's best KP sorted des
 elementwise max of an ascending and a descending sorted list is a bitonic list holding the top KP
 of their union, and `tl.bitonic_merge` sorts it again in log2(KP) compare-exchange rounds (the
 bitonic top-k of Shanbhag et al., "Efficient Top-K Query Processing on Massively Parallel
-Hardware", which tl.topk itself uses). With a dead mask and k_aux > 0 a second running set of
-KA ≥ KP keys takes the same tile with live latents replaced by padding. ReLU is monotone, so it is
-applied to the chosen values at the store, as in the reference. Outputs come sorted descending.
-tl.topk and tl.bitonic_merge exist, unchanged, in triton 3.6 and 3.7.
+Hardware", which tl.topk itself uses). ReLU is monotone, so it is applied to the chosen values at
+the store, as in the reference. Outputs come sorted descending. tl.topk and tl.bitonic_merge
+exist, unchanged, in triton 3.6 and 3.7.
 
-Limits, never silent: the fused kernel holds max(KP, KA) ≤ MAX_FUSED_K (256) keys per row in
+AuxK. With a dead mask and k_aux > 0 the same kernel runs a second time over the dead latents
+only (GATHER: their ids are loaded per tile and their rows of W_enc gathered), with its own
+candidate width KA and tiles. The dead latents' pre-activations are recomputed, which costs a
+GEMM over #dead latents; carrying a second running set through the main sweep instead would cost a
+KA-wide merge on every tile whatever the number of dead latents (in the sm_90 SASS, bf16, K=32
+plus a 256-wide set: 3.6x the instructions per pre-activation of the top-k alone), while a few
+percent of latents are dead in a healthy run.
+
+Limits, never silent: the fused kernel holds KP (or KA) ≤ MAX_FUSED_K (256) keys per row in
 registers. Larger k runs the reference (cuBLAS GEMM + torch.topk) in row chunks, so its N×M buffer
 is bounded to about FALLBACK_ELEMENTS; a larger min(k_aux, #dead) keeps the fused top-k and runs
 the AuxK selection that way on the dead latents' rows of W_enc only. fp64 inputs (gradient checks)
@@ -108,19 +115,15 @@ def _topk_encode_kernel(
     w_ptr,  # [M, D] float, same dtype as x
     b_enc_ptr,  # [M] float
     b_dec_ptr,  # [D] float
-    dead_ptr,  # [M] uint8, 1 = dead (read only if HAS_AUX)
-    top_acts_ptr,  # [N, K] dtype of x
-    top_idx_ptr,  # [N, K] int64
-    aux_acts_ptr,  # [N, K_AUX] dtype of x
-    aux_idx_ptr,  # [N, K_AUX] int64
+    ids_ptr,  # [L] int64: the latents to sweep (read only if GATHER; else latents 0..L-1)
+    acts_ptr,  # [N, K] dtype of x
+    idx_ptr,  # [N, K] int64
     N,
-    M,
+    L,
     D,
     K,
-    K_AUX,
-    KP: tl.constexpr,  # next power of two >= K
-    KA: tl.constexpr,  # next power of two >= K_AUX (1 when not HAS_AUX)
-    HAS_AUX: tl.constexpr,
+    KP: tl.constexpr,  # candidate width: a power of two >= K
+    GATHER: tl.constexpr,  # sweep the latents listed in ids_ptr (AuxK: the dead ones)
     KEY16: tl.constexpr,  # int32 keys with 16-bit values (16-bit dtypes, M <= 2**16)
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -133,10 +136,13 @@ def _topk_encode_kernel(
     EMPTY: tl.constexpr = -(2**31) if KEY16 else -(2**63)
     KEY: tl.constexpr = tl.int32 if KEY16 else tl.int64
     top = tl.full([BLOCK_N, KP], EMPTY, KEY)
-    aux = tl.full([BLOCK_N, KA], EMPTY, KEY)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        mask_m = offs_m < M
+    for l0 in range(0, L, BLOCK_M):
+        offs_l = l0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_l < L
+        if GATHER:
+            offs_m = tl.load(ids_ptr + offs_l, mask=mask_m, other=0)
+        else:
+            offs_m = offs_l
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -153,12 +159,7 @@ def _topk_encode_kernel(
         acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0).to(tl.float32)[None, :]
         keys = tl.where(mask_m[None, :], _pack(acc, offs_m, KEY16, VAL), EMPTY)
         top = _merge(top, keys, KP)
-        if HAS_AUX:
-            dead = tl.load(dead_ptr + offs_m, mask=mask_m, other=0) != 0
-            aux = _merge(aux, tl.where(dead[None, :], keys, EMPTY), KA)
-    _store_top(top, rows, mask_n, top_acts_ptr, top_idx_ptr, K, KP, KEY16, VAL)
-    if HAS_AUX:
-        _store_top(aux, rows, mask_n, aux_acts_ptr, aux_idx_ptr, K_AUX, KA, KEY16, VAL)
+    _store_top(top, rows, mask_n, acts_ptr, idx_ptr, K, KP, KEY16, VAL)
 
 
 @triton.jit
@@ -198,22 +199,21 @@ def candidate_width(k: int) -> int:
     return max(triton.next_power_of_2(k), MIN_WIDTH)
 
 
-def block_config(D: int, KP: int, KA: int = 0) -> dict:
-    """Tiles for the fused forward from the candidate widths KP and KA (0: no AuxK set).
+def block_config(D: int, KP: int) -> dict:
+    """Tiles for one sweep of the fused forward with candidate width KP.
 
-    A tile must hold at least max(KP, KA) latents for tl.topk. Registers per thread grow with
-    BLOCK_N·(BLOCK_M + 2·KP + 2·KA) (fp32 tile, int64 keys), so BLOCK_N shrinks as K grows; every
-    config here compiles for sm_80/sm_90 without spills with either key width
-    (tests/test_kernels_aot.py). BLOCK_D = 64 keeps the two dot operands in about 40–70 KB of
-    shared memory with the default 3 stages. These are compile-time choices, not yet timed on a
-    GPU: bench/sweep_encode.py times them against alternatives. On sm_90 only BLOCK_N = 64 tiles
-    compile to wgmma (HGMMA); BLOCK_N ≤ 32 use mma.sync (HMMA).
+    A tile must hold at least KP latents for tl.topk. Registers per thread grow with
+    BLOCK_N·(BLOCK_M + 2·KP) (fp32 tile, int64 keys), so BLOCK_N shrinks as K grows; every config
+    here compiles for sm_80/sm_90 without spills with either key width (tests/test_kernels_aot.py).
+    BLOCK_D = 64 keeps the two dot operands in about 25–70 KB of shared memory with the default 3
+    stages. These are compile-time choices, not yet timed on a GPU: bench/sweep_encode.py times
+    them against alternatives. On sm_90 only BLOCK_N = 64 tiles compile to wgmma (HGMMA);
+    BLOCK_N ≤ 32 use mma.sync (HMMA).
     """
-    kmax = max(KP, KA)
-    if kmax > MAX_FUSED_K:
-        raise ValueError(f"max(KP, KA) = {kmax} exceeds MAX_FUSED_K = {MAX_FUSED_K}")
-    block_n = 64 if kmax <= 32 else 32 if kmax <= 128 else 16
-    return {"BLOCK_N": block_n, "BLOCK_M": max(kmax, 64),
+    if KP > MAX_FUSED_K:
+        raise ValueError(f"KP = {KP} exceeds MAX_FUSED_K = {MAX_FUSED_K}")
+    block_n = 64 if KP <= 32 else 32 if KP <= 128 else 16
+    return {"BLOCK_N": block_n, "BLOCK_M": max(KP, 64),
             "BLOCK_D": min(max(triton.next_power_of_2(D), 16), 64), "num_warps": 8}
 
 
@@ -249,6 +249,36 @@ def _reference_by_rows(x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0) -> En
     return EncodeOut(*(torch.cat(ts) for ts in zip(*parts)))
 
 
+def _sweep(x, W_enc, b_enc, b_dec, k, ids, config):
+    """The fused kernel over all latents (ids None) or over the latents `ids` (their rows of W_enc
+    gathered; global ids come out): (acts [N, k], idx [N, k]), or None when the kernel does not
+    fit this GPU (warned). Callers have checked the inputs and that candidate_width(k) fits."""
+    N, D = x.shape
+    KP = candidate_width(k)
+    cfg = dict(config) if config is not None else block_config(D, KP)
+    if cfg["BLOCK_M"] < KP:
+        raise ValueError(f"config BLOCK_M = {cfg['BLOCK_M']} must be >= the candidate width "
+                         f"{KP} (tl.topk takes that many of a tile's BLOCK_M keys)")
+    acts = torch.empty(N, k, dtype=x.dtype, device=x.device)
+    idx = torch.empty(N, k, dtype=torch.int64, device=x.device)
+    if N == 0:
+        return acts, idx
+    L = W_enc.shape[0] if ids is None else ids.numel()
+    try:
+        _topk_encode_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            # without ids the kernel never reads ids_ptr: any int64 tensor fills the slot
+            x, W_enc, b_enc, b_dec, idx if ids is None else ids, acts, idx, N, L, D, k,
+            KP=KP, GATHER=ids is not None, KEY16=key16(x.dtype, W_enc.shape[0]), **cfg,
+        )
+    except OutOfResources as e:
+        # e.g. fp32 with KP=256 wants ~142 KB of shared memory: sm_80/sm_90 have it, sm_86/89
+        # (~100 KB) do not. Correct results on the unfused path beat a crash.
+        warnings.warn(f"topk_encode: fused kernel does not fit this GPU ({e}); using the "
+                      "chunked reference path for this configuration", stacklevel=3)
+        return None
+    return acts, idx
+
+
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,
@@ -264,55 +294,35 @@ def topk_encode(
     Equals `ReLU((x - b_dec) @ W_enc.T + b_enc).topk(k)` (indices may differ only at ties). With
     `dead_mask[M]` (bool) and `k_aux > 0`, also the top-min(k_aux, #dead) among the dead latents,
     as `lgsae.reference.topk_encode`. All inputs share one dtype; products accumulate in fp32.
-    `config` (BLOCK_N, BLOCK_M ≥ max(KP, KA), BLOCK_D, num_warps, optionally num_stages) replaces
-    `block_config`'s choice for the fused kernel: for tuning (bench/sweep_encode.py) and tests.
+    `config` (BLOCK_N, BLOCK_M ≥ the candidate width, BLOCK_D, num_warps, optionally num_stages)
+    replaces `block_config`'s tiles for the top-k sweep: for tuning (bench/sweep_encode.py).
     """
     _check(x, W_enc, b_enc, b_dec, dead_mask)
     N, D = x.shape
     M = W_enc.shape[0]
     if not 1 <= k <= M:
         raise ValueError(f"k must be in [1, {M}] (the number of latents), got {k}")
-    kk = 0
+    dead_ids, kk = None, 0
     if dead_mask is not None and k_aux > 0:
-        kk = min(k_aux, int(dead_mask.sum()))  # one host sync: the output shape depends on it
-    # the AuxK set is never narrower than the top-k one: half as many kernels to compile, and a
-    # narrower set would save little next to the top-k merge of the same tile
-    KP = candidate_width(k)
-    KA = max(candidate_width(kk), KP) if kk > 0 else 0
-    if x.dtype == torch.float64 or KP > MAX_FUSED_K:
-        return _reference_by_rows(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-    fused_aux = 0 < KA <= MAX_FUSED_K
-    x, b_enc, b_dec = x.contiguous(), b_enc.contiguous(), b_dec.contiguous()
-    top_acts = torch.empty(N, k, dtype=x.dtype, device=x.device)
-    top_idx = torch.empty(N, k, dtype=torch.int64, device=x.device)
-    aux_acts = torch.empty(N, kk if fused_aux else 0, dtype=x.dtype, device=x.device)
-    aux_idx = torch.empty(N, kk if fused_aux else 0, dtype=torch.int64, device=x.device)
-    if N > 0:
-        KA = KA if fused_aux else 0
-        cfg = dict(config) if config is not None else block_config(D, KP, KA)
-        if cfg["BLOCK_M"] < max(KP, KA):
-            raise ValueError(f"config BLOCK_M = {cfg['BLOCK_M']} must be >= max(KP, KA) = "
-                             f"{max(KP, KA)} (tl.topk takes KP of a tile's BLOCK_M keys)")
-        # the kernel reads dead_ptr only under HAS_AUX; any tensor fills the slot otherwise
-        dead = dead_mask.contiguous().view(torch.uint8) if fused_aux else top_idx
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-        try:
-            _topk_encode_kernel[grid](
-                x, W_enc, b_enc, b_dec, dead, top_acts, top_idx, aux_acts, aux_idx,
-                N, M, D, k, kk, KP=KP, KA=max(KA, 1), HAS_AUX=fused_aux,
-                KEY16=key16(x.dtype, M), **cfg,
-            )
-        except OutOfResources as e:
-            # e.g. fp32 with KA=256 wants ~144 KB of shared memory: sm_80/sm_90 have it, sm_86/89
-            # (~100 KB) do not. Correct results on the unfused path beat a crash.
-            warnings.warn(f"topk_encode: fused kernel does not fit this GPU ({e}); using the "
-                          "chunked reference path for this configuration", stacklevel=2)
-            return _reference_by_rows(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-    if kk > 0 and not fused_aux:  # AuxK too wide for registers: reference on the dead rows only
+        # one host sync: the AuxK output's width depends on the number of dead latents
         dead_ids = dead_mask.nonzero().squeeze(1)
-        aux_acts, j = _reference_by_rows(x, W_enc[dead_ids], b_enc[dead_ids], b_dec, kk)[:2]
-        aux_idx = dead_ids[j]
-    return EncodeOut(top_acts, top_idx, aux_acts, aux_idx)
+        kk = min(k_aux, dead_ids.numel())
+    if x.dtype == torch.float64 or candidate_width(k) > MAX_FUSED_K:
+        return _reference_by_rows(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    x, b_enc, b_dec = x.contiguous(), b_enc.contiguous(), b_dec.contiguous()
+    top = _sweep(x, W_enc, b_enc, b_dec, k, None, config)
+    if top is None:
+        return _reference_by_rows(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    aux = x.new_empty(N, 0), torch.empty(N, 0, dtype=torch.int64, device=x.device)
+    if kk > 0:
+        # a second sweep over the dead latents only: its cost scales with their number, and the
+        # top-k sweep keeps its own (narrower) tiles
+        fits = candidate_width(kk) <= MAX_FUSED_K
+        aux = _sweep(x, W_enc, b_enc, b_dec, kk, dead_ids, None) if fits else None
+        if aux is None:  # too wide for registers (or for this GPU): reference on the dead rows
+            acts, j = _reference_by_rows(x, W_enc[dead_ids], b_enc[dead_ids], b_dec, kk)[:2]
+            aux = acts, dead_ids[j]
+    return EncodeOut(*top, *aux)
 
 
 def topk_encode_backward(

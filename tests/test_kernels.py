@@ -287,8 +287,8 @@ ENCODE_SHAPES = [
 def small_encode_tiles(monkeypatch):
     """The interpreter pays per element of every sort stage (its reductions loop in Python): run
     the same kernel with the smallest tiles tl.dot takes. One test keeps the real heuristic."""
-    def small(D, KP, KA=0):
-        return {"BLOCK_N": 16, "BLOCK_M": max(KP, KA, 16), "BLOCK_D": 32, "num_warps": 4}
+    def small(D, KP):
+        return {"BLOCK_N": 16, "BLOCK_M": max(KP, 16), "BLOCK_D": 32, "num_warps": 4}
     monkeypatch.setattr(ENCODE, "block_config", small)
 
 
@@ -301,23 +301,26 @@ def test_topk_encode_matches_reference(shape, dtype, small_encode_tiles):
 
 @interpreter
 def test_topk_encode_heuristic_tiles():
-    cfg = ENCODE.block_config(48, ENCODE.candidate_width(20), ENCODE.candidate_width(10))
+    cfg = ENCODE.block_config(48, ENCODE.candidate_width(20))
     assert cfg["BLOCK_M"] >= 32 and cfg["BLOCK_N"] >= 16
     encode_case(ENCODE, 5, 48, 64, 20, "some", 10, False, torch.float32)  # one 64-latent tile
 
 
 @interpreter
 def test_topk_encode_explicit_config(monkeypatch):
-    """`config=` (bench/sweep_encode.py's variants) replaces block_config's tiles, and a BLOCK_M
-    narrower than the candidate set gets one clear error."""
-    monkeypatch.setattr(ENCODE, "block_config", None)  # must not be consulted
+    """`config=` (bench/sweep_encode.py's variants) replaces block_config's tiles for the top-k
+    sweep, and a BLOCK_M narrower than the candidate set gets one clear error."""
     cfg = {"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_D": 16, "num_warps": 4}
+    asked = []  # block_config serves the AuxK sweep (width 16 here) but not the top-k one (32)
+    monkeypatch.setattr(ENCODE, "block_config", lambda D, KP: asked.append(KP) or {**cfg,
+                        "BLOCK_M": KP})
     mod = type("Configured", (), {
         "topk_encode": staticmethod(lambda *a: ENCODE.topk_encode(*a, config=cfg)),
         "topk_encode_backward": staticmethod(ENCODE.topk_encode_backward)})
     encode_case(mod, 5, 48, 100, 20, "some", 10, False, torch.float16)  # KP = 32 = BLOCK_M
+    assert set(asked) == {16}, asked
     x, W, b, bd = torch.randn(2, 48), torch.randn(37, 48), torch.zeros(37), torch.zeros(48)
-    with pytest.raises(ValueError, match=r"BLOCK_M = 16 must be >= max\(KP, KA\) = 32"):
+    with pytest.raises(ValueError, match="BLOCK_M = 16 must be >= the candidate width 32"):
         ENCODE.topk_encode(x, W, b, bd, 20, config={**cfg, "BLOCK_M": 16})
 
 

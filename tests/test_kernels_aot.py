@@ -73,9 +73,9 @@ def kernel_jobs():
 
 
 def _topk_encode_jobs(mod, jobs):
-    """The fused encoder at every (KP, KA) its launcher can pick (KA = 0: no AuxK set, else
-    KA ≥ KP) and every dtype, plus db_enc's segment sum. D only sets BLOCK_D, so it is looped over
-    WIDTHS like the other kernels."""
+    """The fused encoder at every candidate width its launcher can pick, sweeping all latents
+    (top-k) or gathered ones (AuxK), for every dtype and key width, plus db_enc's segment sum.
+    D only sets BLOCK_D, so it is looped over WIDTHS like the other kernels."""
     import triton.language as tl
 
     widths = []
@@ -85,18 +85,17 @@ def _topk_encode_jobs(mod, jobs):
         w *= 2
     for D in WIDTHS:
         for KP in widths:
-            for KA in [0] + [w for w in widths if w >= KP]:
-                c = mod.block_config(D, KP, KA)
-                blocks = {k: c[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D")}
-                label = (f"KP={KP} KA={KA} BN={c['BLOCK_N']} BM={c['BLOCK_M']} "
-                         f"BD={c['BLOCK_D']} w={c['num_warps']}")
+            c = mod.block_config(D, KP)
+            blocks = {k: c[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D")}
+            for gather in (False, True):
+                label = (f"KP={KP}{' gather' if gather else ''} BN={c['BLOCK_N']} "
+                         f"BM={c['BLOCK_M']} BD={c['BLOCK_D']} w={c['num_warps']}")
                 for dt in DTYPES:
                     p = f"*{dt}"
-                    types = [p, p, p, p, "*u8", p, "*i64", p, "*i64"] + ["i32"] * 5
+                    types = [p, p, p, p, "*i64", p, "*i64"] + ["i32"] * 4
                     # 16-bit inputs rank int32 keys up to 2**16 latents, int64 keys past that
                     for key16 in (False,) if dt == "fp32" else (True, False):
-                        consts = {"KP": KP, "KA": max(KA, 1), "HAS_AUX": KA > 0,
-                                  "KEY16": key16, **blocks}
+                        consts = {"KP": KP, "GATHER": gather, "KEY16": key16, **blocks}
                         lab = f"{label} key{32 if key16 else 64}"
                         jobs[(mod._topk_encode_kernel.__name__, lab, dt, D % 16 == 0)] = (
                             mod._topk_encode_kernel, types, consts, c["num_warps"], lab)
