@@ -4,23 +4,26 @@ N×M pre-activations never reach global memory (DESIGN §4), and its sparse back
 Forward design. A program owns BLOCK_N rows and sweeps all M latents in BLOCK_M tiles; each
 [BLOCK_N, BLOCK_M] pre tile is a `tl.dot` over D in BLOCK_D chunks with fp32 accumulation (b_dec is
 subtracted from the x chunk as it is loaded, b_enc added after; fp32 inputs use exact "ieee"
-products, like torch's default). Each pre value is packed with its latent id into one integer
-key: the value's bits made monotone (negative floats get their low bits flipped, so signed-int
-order is float order) in the high half, the id in the low half. fp32 inputs use int64 keys (the
-fp32 value, a 32-bit id). fp16/bf16 inputs with M ≤ 2**16 use int32 keys: the value rounded to the
-input dtype, as torch's pre-activations are, and a 16-bit id. That halves the compare/select and
-shuffle work of the sorting network, which is most of the kernel's instructions, and the registers
-(sm_90, bf16, K=32, no AuxK: 2,176 SASS instructions per program instead of 3,368, 116 registers
-instead of 151); wider SAEs fall back to int64 keys. A sort of keys therefore carries the index
-along, and keys are unique (equal values: the larger id wins). The running top-K of each row is a
-[BLOCK_N, KP] key tile kept sorted ascending (KP = next power of two ≥ max(k, 16); padding is the
-smallest key). Per tile, `tl.topk(keys, KP)` gives the tile's best KP sorted descending; the
-elementwise max of an ascending and a descending sorted list is a bitonic list holding the top KP
-of their union, and `tl.bitonic_merge` sorts it again in log2(KP) compare-exchange rounds (the
-bitonic top-k of Shanbhag et al., "Efficient Top-K Query Processing on Massively Parallel
-Hardware", which tl.topk itself uses). ReLU is monotone, so it is applied to the chosen values at
-the store, as in the reference. Outputs come sorted descending. tl.topk and tl.bitonic_merge
-exist, unchanged, in triton 3.6 and 3.7.
+products, like torch's default). Each pre value is packed with its latent id into one integer key:
+the value's bits made monotone (negative floats get their low bits flipped, so signed-int order is
+float order) in the high half, the id in the low half. fp32 inputs use int64 keys (the fp32 value,
+a 32-bit id). fp16/bf16 inputs with M ≤ 2**16 use int32 keys: the value rounded to the input dtype,
+as torch's pre-activations are, and a 16-bit id. That halves the compare/select and shuffle work of
+the sorting network, which is most of the kernel's instructions, and the registers (sm_90, bf16,
+K=32, no AuxK: 2,176 SASS instructions per program instead of 3,368, 124 registers instead of 151);
+wider SAEs fall back to int64 keys. A sort of keys therefore carries the index along, and keys are
+unique. Equal values are ordered by id ^ salt(block), a hash permutation of the ids that changes
+from one block of rows to the next: ties are common with bf16 keys (at M=65536, K=32, about half
+the rows of N(0,1) pre-activations tie at the k-th value), and a fixed rule such as "the larger id
+wins" would starve the low ids of gradient. The running top-K of each row is a [BLOCK_N, KP] key
+tile kept sorted ascending (KP = next power of two ≥ max(k, 16); padding is the smallest key). Per
+tile, `tl.topk(keys, KP)` gives the tile's best KP sorted descending; the elementwise max of an
+ascending and a descending sorted list is a bitonic list holding the top KP of their union, and
+`tl.bitonic_merge` sorts it again in log2(KP) compare-exchange rounds (the bitonic top-k of
+Shanbhag et al., "Efficient Top-K Query Processing on Massively Parallel Hardware", which tl.topk
+itself uses). ReLU is monotone, so it is applied to the chosen values at the store, as in the
+reference. Outputs come sorted descending. tl.topk and tl.bitonic_merge exist, unchanged, in triton
+3.6 and 3.7.
 
 AuxK. With a dead mask and k_aux > 0 the same kernel runs a second time over the dead latents
 only (GATHER: their ids are loaded per tile and their rows of W_enc gathered), with its own
@@ -34,8 +37,8 @@ Limits, never silent: the fused kernel holds KP (or KA) ≤ MAX_FUSED_K (256) ke
 registers. Larger k runs the reference (cuBLAS GEMM + torch.topk) in row chunks, so its N×M buffer
 is bounded to about FALLBACK_ELEMENTS; a larger min(k_aux, #dead) keeps the fused top-k and runs
 the AuxK selection that way on the dead latents' rows of W_enc only. fp64 inputs (gradient checks)
-run the reference: an fp64 value does not fit the packed key. NaN pre-activations are not ranked
-as torch ranks them.
+run the reference: an fp64 value does not fit the packed key. A NaN pre-activation (positive NaN,
+as GPU arithmetic makes it) ranks above every number, as in torch.topk, and is stored as NaN.
 
 Backward: d(pre) is non-zero only at the chosen entries. dW_enc[m] = Σ_{(n,j): idx=m} g[n,j]·xc[n]
 is dW_dec of `sparse_decode` with acts → grad_pre and grad_out → xc, so it reuses that module's
@@ -62,24 +65,41 @@ MIN_WIDTH = 16  # smallest KP / KA compiled
 FALLBACK_ELEMENTS = 1 << 26  # pre-activations per row chunk on the fallback path (256 MB fp32)
 SEGMENT_BLOCK = 32  # pairs per step of the db_enc segment sum (one warp)
 MAX_KEY16_LATENTS = 1 << 16  # int32 keys hold the latent id in 16 bits
+# row hash for the tie order: 2**64 / golden ratio as a signed int64 (int64 products wrap)
+TIE_MULT = tl.constexpr(0x9E3779B97F4A7C15 - 2**64)
 
 
 @triton.jit
-def _pack(pre, offs_m, KEY16: tl.constexpr, VAL_DTYPE: tl.constexpr):
-    """fp32 [BN, BM] values and [BM] latent ids -> keys ordered by (value, id).
+def _tie_salt(block, KEY16: tl.constexpr):
+    """int64 program id -> an int64 salt below 2**16 (KEY16) or 2**31: the top bits of a
+    multiplicative hash of the block of rows.
+
+    Keys carry `id ^ salt` instead of the id, so values that tie (common once rounded to bf16)
+    are ordered by a permutation of the ids that changes from block to block: across a batch no
+    latent is systematically preferred, as a fixed larger-id-wins rule would prefer the high ids.
+    One salt per block rather than per row costs BLOCK_M XORs per tile instead of BLOCK_N·BLOCK_M
+    (per row cost 50 more registers at K=128 on sm_90). `tie_salt` is the torch twin.
+    """
+    return ((block + 1) * TIE_MULT >> 33) & (0xFFFF if KEY16 else 0x7FFFFFFF)
+
+
+@triton.jit
+def _pack(pre, offs_m, salt, KEY16: tl.constexpr, VAL_DTYPE: tl.constexpr):
+    """fp32 [BN, BM] values, [BM] int64 latent ids and the block's salt -> keys ordered by
+    (value, id ^ salt).
 
     KEY16 (16-bit inputs, M ≤ 2**16): int32 keys, the value rounded to VAL_DTYPE (what torch's
-    fp16/bf16 pre-activations hold) made monotone in the high 16 bits, the id in the low 16. Else
-    int64 keys: the fp32 value's monotone bits in the high word, the id in the low word.
+    fp16/bf16 pre-activations hold) made monotone in the high 16 bits, id ^ salt in the low 16.
+    Else int64 keys: the fp32 value's monotone bits in the high word, id ^ salt in the low word.
     """
     if KEY16:
         bits = pre.to(VAL_DTYPE).to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
         mono = tl.where(bits < 0, bits ^ 0x7FFF, bits)
-        return (mono << 16) | offs_m[None, :].to(tl.int32)
+        return (mono << 16) | (offs_m ^ salt).to(tl.int32)[None, :]
     else:
         bits = pre.to(tl.int32, bitcast=True)
         mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        return (mono.to(tl.int64) << 32) | offs_m[None, :]
+        return (mono.to(tl.int64) << 32) | (offs_m ^ salt)[None, :]
 
 
 @triton.jit
@@ -90,22 +110,25 @@ def _merge(run, keys, KP: tl.constexpr):
 
 
 @triton.jit
-def _store_top(run, rows, mask_n, acts_ptr, idx_ptr, K, KP: tl.constexpr, KEY16: tl.constexpr,
-               VAL_DTYPE: tl.constexpr):
-    """Write the K largest keys of `run` (ascending) as descending values (ReLU'd) and ids."""
+def _store_top(run, rows, salt, mask_n, acts_ptr, idx_ptr, K, KP: tl.constexpr,
+               KEY16: tl.constexpr, VAL_DTYPE: tl.constexpr):
+    """Write the K largest keys of `run` (ascending) as descending values (ReLU'd; NaN stays NaN,
+    as torch's relu keeps it) and ids."""
     j = KP - 1 - tl.arange(0, KP)  # output slot of each column
     if KEY16:
         hi = run >> 16  # arithmetic: the monotone 16 bits, sign-extended
         vals = tl.where(hi < 0, hi ^ 0x7FFF, hi).to(tl.int16).to(VAL_DTYPE, bitcast=True)
         vals = vals.to(tl.float32)
-        ids = (run & 0xFFFF).to(tl.int64)
+        ids = (run & 0xFFFF).to(tl.int64) ^ salt
     else:
         hi = (run >> 32).to(tl.int32)
         vals = tl.where(hi < 0, hi ^ 0x7FFFFFFF, hi).to(tl.float32, bitcast=True)
-        ids = (run << 32) >> 32  # the low word; ids < 2**31, so sign extension keeps them
+        # the low word; id ^ salt < 2**31, so sign extension keeps it
+        ids = ((run << 32) >> 32) ^ salt
     mask = mask_n[:, None] & (j < K)[None, :]
     offs = rows[:, None] * K + j[None, :]
-    tl.store(acts_ptr + offs, tl.maximum(vals, 0.0).to(acts_ptr.dtype.element_ty), mask=mask)
+    acts = tl.maximum(vals, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(acts_ptr + offs, acts.to(acts_ptr.dtype.element_ty), mask=mask)
     tl.store(idx_ptr + offs, ids, mask=mask)
 
 
@@ -135,6 +158,7 @@ def _topk_encode_kernel(
     # padding key: below every packed pre-activation
     EMPTY: tl.constexpr = -(2**31) if KEY16 else -(2**63)
     KEY: tl.constexpr = tl.int32 if KEY16 else tl.int64
+    salt = _tie_salt(tl.program_id(0).to(tl.int64), KEY16)  # this block's tie order
     top = tl.full([BLOCK_N, KP], EMPTY, KEY)
     for l0 in range(0, L, BLOCK_M):
         offs_l = l0 + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -157,9 +181,9 @@ def _topk_encode_kernel(
             # fp32 inputs: exact products, as torch's default (no TF32) reference
             acc = tl.dot(xc, w, acc, input_precision="ieee")
         acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0).to(tl.float32)[None, :]
-        keys = tl.where(mask_m[None, :], _pack(acc, offs_m, KEY16, VAL), EMPTY)
+        keys = tl.where(mask_m[None, :], _pack(acc, offs_m, salt, KEY16, VAL), EMPTY)
         top = _merge(top, keys, KP)
-    _store_top(top, rows, mask_n, acts_ptr, idx_ptr, K, KP, KEY16, VAL)
+    _store_top(top, rows, salt, mask_n, acts_ptr, idx_ptr, K, KP, KEY16, VAL)
 
 
 @triton.jit
@@ -181,6 +205,11 @@ def _segment_sum_kernel(
         pair = tl.load(order_ptr + offs_p, mask=mask_p, other=0)
         acc += tl.load(vals_ptr + pair, mask=mask_p, other=0).to(ACC)
     tl.store(out_ptr + m, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
+
+
+def tie_salt(blocks: Tensor, key16: bool) -> Tensor:
+    """Torch twin of `_tie_salt`: int64 program ids -> the salt XOR-ed into their keys' id field."""
+    return ((blocks + 1) * TIE_MULT.value >> 33) & (0xFFFF if key16 else 0x7FFFFFFF)
 
 
 def key16(dtype: torch.dtype, M: int) -> bool:
@@ -225,10 +254,11 @@ def _check(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dead_mask: Te
     if b_enc.shape != (M,) or b_dec.shape != (D,):
         raise ValueError(f"b_enc must be [M] = [{M}] and b_dec [D] = [{D}]; got "
                          f"{tuple(b_enc.shape)}, {tuple(b_dec.shape)}")
-    if not x.is_floating_point() or len({x.dtype, W_enc.dtype, b_enc.dtype, b_dec.dtype}) != 1:
-        raise ValueError(f"x, W_enc, b_enc, b_dec must share one float dtype (cast the input "
-                         f"to the SAE's dtype); got {x.dtype}, {W_enc.dtype}, {b_enc.dtype}, "
-                         f"{b_dec.dtype}")
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if x.dtype not in dtypes or len({x.dtype, W_enc.dtype, b_enc.dtype, b_dec.dtype}) != 1:
+        raise ValueError(f"x, W_enc, b_enc, b_dec must share one dtype among fp16, bf16, fp32 "
+                         f"and fp64 (cast the input to the SAE's dtype); got {x.dtype}, "
+                         f"{W_enc.dtype}, {b_enc.dtype}, {b_dec.dtype}")
     for name, t in (("x", x), ("b_enc", b_enc), ("b_dec", b_dec), ("dead_mask", dead_mask)):
         if t is not None and t.device != W_enc.device:
             raise ValueError(f"{name} is on {t.device} but W_enc on {W_enc.device}: move it")
@@ -256,6 +286,10 @@ def _sweep(x, W_enc, b_enc, b_dec, k, ids, config):
     N, D = x.shape
     KP = candidate_width(k)
     cfg = dict(config) if config is not None else block_config(D, KP)
+    blocks = [cfg.get(b) for b in ("BLOCK_N", "BLOCK_M", "BLOCK_D")]
+    if not all(isinstance(b, int) and b >= 16 and b & (b - 1) == 0 for b in blocks):
+        raise ValueError(f"config BLOCK_N, BLOCK_M, BLOCK_D must be powers of two >= 16 (tl.dot "
+                         f"tiles); got {blocks}")
     if cfg["BLOCK_M"] < KP:
         raise ValueError(f"config BLOCK_M = {cfg['BLOCK_M']} must be >= the candidate width "
                          f"{KP} (tl.topk takes that many of a tile's BLOCK_M keys)")

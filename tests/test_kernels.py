@@ -322,6 +322,8 @@ def test_topk_encode_explicit_config(monkeypatch):
     x, W, b, bd = torch.randn(2, 48), torch.randn(37, 48), torch.zeros(37), torch.zeros(48)
     with pytest.raises(ValueError, match="BLOCK_M = 16 must be >= the candidate width 32"):
         ENCODE.topk_encode(x, W, b, bd, 20, config={**cfg, "BLOCK_M": 16})
+    with pytest.raises(ValueError, match="powers of two >= 16"):
+        ENCODE.topk_encode(x, W, b, bd, 20, config={**cfg, "BLOCK_M": 48})
 
 
 @interpreter
@@ -347,7 +349,7 @@ def test_topk_encode_rejects_bad_inputs():
         ENCODE.topk_encode(x, W, b, bd, 38)
     with pytest.raises(ValueError, match="contiguous"):
         ENCODE.topk_encode(x, torch.randn(48, 37).t(), b, bd, 3)
-    with pytest.raises(ValueError, match="one float dtype"):
+    with pytest.raises(ValueError, match="one dtype among"):
         ENCODE.topk_encode(x.half(), W, b, bd, 3)
     with pytest.raises(ValueError, match="bool"):
         ENCODE.topk_encode(x, W, b, bd, 3, torch.zeros(37), 4)
@@ -358,37 +360,72 @@ def _key_roundtrip_kernel(vals_ptr, ids_ptr, acts_ptr, idx_ptr, K, KEY16: tl.con
                           BN: tl.constexpr, BM: tl.constexpr):
     """Pack [BN, BM] fp32 values with [BM] latent ids as the encoder does, sort the keys ascending
     (as its running top-k set is kept) and store the top K as the encoder stores them."""
-    rows = tl.arange(0, BN).to(tl.int64)
+    block = tl.program_id(0).to(tl.int64)
+    rows = block * BN + tl.arange(0, BN)
     cols = tl.arange(0, BM)
     vals = tl.load(vals_ptr + rows[:, None] * BM + cols[None, :])
-    keys = ENCODE._pack(vals, tl.load(ids_ptr + cols), KEY16, acts_ptr.dtype.element_ty)
-    ENCODE._store_top(tl.sort(keys), rows, rows < BN, acts_ptr, idx_ptr, K, BM, KEY16,
+    salt = ENCODE._tie_salt(block, KEY16)
+    keys = ENCODE._pack(vals, tl.load(ids_ptr + cols), salt, KEY16, acts_ptr.dtype.element_ty)
+    ENCODE._store_top(tl.sort(keys), rows, salt, rows >= 0, acts_ptr, idx_ptr, K, BM, KEY16,
                       acts_ptr.dtype.element_ty)
 
 
 @interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_topk_keys_order_by_value_then_id(dtype):
-    """The packed keys rank (value in the input dtype, latent id) and unpack to both exactly: ids
-    past 2**15 (the sign bit of a 16-bit id field) and 2**16 − 1, negative values, and values that
-    tie once rounded to fp16 (the larger id must win). The kernel tests' M stays far below 2**15."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_topk_keys_order_by_value_then_salted_id(dtype):
+    """The packed keys rank (value in the input dtype, id ^ salt(block)) and unpack to both
+    exactly: ids past 2**15 (the sign bit of a 16-bit id field) and 2**16 − 1, negative values,
+    values that tie once rounded to fp16, whole rows of ties. Tied values are ordered by a
+    permutation of the ids that differs between blocks of rows, not by the ids themselves. The
+    kernel tests' M stays far below 2**15. bf16 uses values bf16 holds exactly: the interpreter
+    truncates fp32 -> bf16 where GPUs round."""
     key16 = ENCODE.key16(dtype, ENCODE.MAX_KEY16_LATENTS)
-    assert key16 == (dtype == torch.float16) and not ENCODE.key16(dtype, 2**16 + 1)
-    BN, BM, K = 4, 16, 9
+    assert key16 == (dtype != torch.float32) and not ENCODE.key16(dtype, 2**16 + 1)
+    G, BN, BM, K = 3, 4, 16, 9  # G blocks (programs) of BN rows
     top_id = 2**16 - 1 if key16 else 2**31 - 1
     ids = torch.cat([torch.tensor([0, 2**15 - 1, 2**15, top_id]),
                      torch.randperm(1000)[:BM - 4] * (top_id // 1000) + 1])  # distinct
     # steps of 1/8 away from 0 (no ±0 ties), jittered below one fp16 ulp: ties after rounding
-    vals = (torch.randint(-3, 3, (BN, BM)) + 0.5) / 8 + torch.rand(BN, BM) * 1e-4
-    vals[1] = vals[1, 0]  # a whole row tied: the K largest ids win
-    acts = torch.full((BN, K), float("nan"), dtype=dtype)
-    idx = torch.full((BN, K), -1, dtype=torch.int64)
-    _key_roundtrip_kernel[(1,)](vals, ids, acts, idx, K, KEY16=key16, BN=BN, BM=BM)
+    vals = (torch.randint(-3, 3, (G * BN, BM)) + 0.5) / 8
+    if dtype != torch.bfloat16:
+        vals += torch.rand(G * BN, BM) * 1e-4
+    vals[1::BN] = vals[1, 0]  # row 1 of each block: all tied, the same values in every block
+    acts = torch.full((G * BN, K), float("nan"), dtype=dtype)
+    idx = torch.full((G * BN, K), -1, dtype=torch.int64)
+    _key_roundtrip_kernel[(G,)](vals, ids, acts, idx, K, KEY16=key16, BN=BN, BM=BM)
     rounded = vals.to(dtype).float()
-    for r in range(BN):
-        want = sorted(zip(rounded[r].tolist(), ids.tolist()), reverse=True)[:K]
-        assert idx[r].tolist() == [i for _, i in want], f"row {r}: wrong order or ids"
-        assert acts[r].float().tolist() == [max(v, 0.0) for v, _ in want], f"row {r}: values"
+    salt = ENCODE.tie_salt(torch.arange(G), key16)
+    assert len(set(salt.tolist())) == G, "blocks should get different tie orders"
+    tied = {tuple(idx[1 + g * BN].tolist()) for g in range(G)}
+    assert len(tied) > 1, "identical tied rows in different blocks chose the same latents"
+    for r in range(G * BN):
+        want = sorted(zip(rounded[r].tolist(), (ids ^ salt[r // BN]).tolist(), ids.tolist()),
+                      reverse=True)[:K]
+        assert idx[r].tolist() == [i for *_, i in want], f"row {r}: wrong order or ids"
+        assert acts[r].float().tolist() == [max(v, 0.0) for v, *_ in want], f"row {r}: values"
+
+
+def nan_latent_case(mod, dtype, device="cpu"):
+    """A NaN row of W_enc: torch ranks NaN above every number and relu keeps it, so every token
+    must pick that latent first with a NaN activation, and the rest as without it."""
+    N, D, M, k = 5, 48, 100, 4
+    x = torch.randn(N, D, device=device).to(dtype)
+    W = (torch.randn(M, D, device=device) / D**0.5).to(dtype)
+    b_enc, b_dec = torch.zeros(M, device=device, dtype=dtype), torch.zeros(D, device=device,
+                                                                           dtype=dtype)
+    W[37] = float("nan")
+    out = mod.topk_encode(x, W, b_enc, b_dec, k)
+    assert (out.top_indices[:, 0] == 37).all() and out.top_acts[:, 0].isnan().all(), (
+        f"NaN latent not first or not NaN: {out.top_indices[:, 0]}, {out.top_acts[:, 0]}")
+    rest = mod.topk_encode(x, W[torch.arange(M, device=device) != 37].contiguous(),
+                           b_enc[:-1].contiguous(), b_dec, k - 1)
+    assert_close(out.top_acts[:, 1:].float(), rest.top_acts.float(), atol=0, rtol=0,
+                 name="the other latents")
+
+
+@interpreter
+def test_topk_encode_nan_latent(small_encode_tiles):
+    nan_latent_case(ENCODE, torch.float16)
 
 
 # the paper's shape (N=16384, D=768, M=12288, K=32 and 128) with 1% dead (AuxK fused) and a third
@@ -415,6 +452,13 @@ def test_topk_encode_cuda(shape, dtype):
     xc = torch.randn(shape[0], shape[1], device="cuda").to(dtype)
     first, second = (ENCODE.topk_encode_backward(xc, W, idx, g) for _ in range(2))
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_encode_cuda_nan_latent(dtype):
+    """Compiled, tl.maximum would turn NaN into 0 unless told to propagate it."""
+    nan_latent_case(ENCODE, dtype, device="cuda")
 
 
 @pytest.mark.gpu
