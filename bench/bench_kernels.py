@@ -6,11 +6,12 @@ encode: fwd = pre-activations + ReLU + top-k; bwd = gradients of W_enc, b_enc fr
 decode: fwd = Σ_j a_j·W_dec[i_j]; bwd = d(acts) and dW_dec from d(out).
 decoder_norm: project = remove the row-parallel gradient; renorm = rows to unit norm.
 `triton` runs the lgsae.kernels launchers (CUDA only, skipped on CPU), `reference` their
-lgsae.reference twins (the CPU engine), `dense` the plain torch formulation with N×M tensors,
-`sparsify` the same op in sparsify's SparseCoder holding the same weights: encode = its
+lgsae.reference twins (the CPU engine; its decode forward is F.embedding_bag, so on CUDA
+`reference` is the embedding_bag baseline of issue 3), `dense` the plain torch formulation with N×M
+tensors, `sparsify` the same op in sparsify's SparseCoder holding the same weights: encode = its
 FusedEncoder (`encode`; bwd through its autograd with b_dec frozen, so it computes dW_enc and
-db_enc like ours), decode = its decoder_impl (Triton on CUDA, embedding_bag on CPU),
-decoder_norm = remove_gradient_parallel_to_decoder_directions / set_decoder_norm_to_unit_norm.
+db_enc like ours), decode = its decoder_impl (Triton on CUDA, embedding_bag on CPU), decoder_norm =
+remove_gradient_parallel_to_decoder_directions / set_decoder_norm_to_unit_norm.
 The first provider of a group (`dense`) is the denominator of the ratio table.
 Scale small: N=4096, D=576, M=9216, K=32 (fp32; default on CPU); paper: N=16384, D=768,
 M=12288, K=32 and 128 (bf16 on CUDA; default there). peak_memory_mb: conftest.peak_memory_mb of
