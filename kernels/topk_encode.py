@@ -65,7 +65,7 @@ MIN_WIDTH = 16  # smallest KP / KA compiled
 FALLBACK_ELEMENTS = 1 << 26  # pre-activations per row chunk on the fallback path (256 MB fp32)
 SEGMENT_BLOCK = 32  # pairs per step of the db_enc segment sum (one warp)
 MAX_KEY16_LATENTS = 1 << 16  # int32 keys hold the latent id in 16 bits
-# row hash for the tie order: 2**64 / golden ratio as a signed int64 (int64 products wrap)
+# block hash for the tie order: 2**64 / golden ratio as a signed int64 (int64 products wrap)
 TIE_MULT = tl.constexpr(0x9E3779B97F4A7C15 - 2**64)
 
 
