@@ -69,53 +69,90 @@ def iter_texts(source: str | None = None, *, text_column: str = "text", split: s
             yield text
 
 
+def iter_contexts(tokenizer, source: str | None = None, *, ctx_len: int, start: int = 0,
+                  text_column: str = "text", split: str = "train", seed: int | None = 0,
+                  batch_docs: int = 256) -> Iterator[torch.Tensor]:
+    """Lazily yield [ctx_len] int64 contexts packed from `source`, beginning at context `start`.
+
+    Documents are tokenised in growing batches and joined with EOS; nothing but the current batch
+    of documents and one partial context is held. Skipping `start` contexts costs tokenising them
+    (never a model forward), so a resumed run finds its place in seconds.
+    """
+    if not isinstance(ctx_len, int) or not isinstance(start, int) or ctx_len < 1 or start < 0:
+        raise ValueError(f"need integers ctx_len >= 1 and start >= 0, got ctx_len={ctx_len!r}, "
+                         f"start={start!r}")
+    eos = tokenizer.eos_token_id
+    pending: list[int] = []
+    index, size = 0, min(16, batch_docs)  # small first batches: short runs tokenise little
+    batch: list[str] = []
+
+    def packed():
+        nonlocal pending, index
+        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids = list(ids) + [eos]
+            pending.extend(ids)
+        batch.clear()
+        n = len(pending) // ctx_len
+        for c in range(n):
+            if index >= start:
+                yield torch.tensor(pending[c * ctx_len:(c + 1) * ctx_len], dtype=torch.int64)
+            index += 1
+        pending = pending[n * ctx_len:]
+
+    any_text = False
+    for text in iter_texts(source, text_column=text_column, split=split, seed=seed):
+        any_text = True
+        batch.append(text)
+        if len(batch) >= size:
+            yield from packed()
+            size = min(2 * size, batch_docs)
+    if batch:
+        yield from packed()
+    if not any_text:
+        raise ValueError(f"text source {source or DEFAULT_TEXT!r} yielded no text "
+                         f"(column {text_column!r})")
+
+
+def count_contexts(tokenizer, source: str | None = None, *, ctx_len: int, limit: int,
+                   **kw) -> int:
+    """How many contexts `source` holds, counting no further than `limit` (tokenising only)."""
+    n = 0
+    for _ in iter_contexts(tokenizer, source, ctx_len=ctx_len, **kw):
+        n += 1
+        if n >= limit:
+            break
+    return n
+
+
 def token_contexts(tokenizer, source: str | None = None, *, n_tokens: int, ctx_len: int,
                    text_column: str = "text", split: str = "train", skip_contexts: int = 0,
                    seed: int | None = 0, batch_docs: int = 256) -> torch.Tensor:
-    """[n_tokens // ctx_len, ctx_len] int64 token ids, packed from `source` with no padding.
+    """[n_tokens // ctx_len, ctx_len] int64 token ids, packed from `source` with no padding: the
+    first n_tokens // ctx_len contexts of `iter_contexts` after `skip_contexts` (for small, held-out
+    or test sets; training reads `iter_contexts` lazily).
 
-    The first `skip_contexts` contexts of the same stream are skipped, so a held-out set can be
-    taken after a training set. Fewer contexts than asked are returned (with a warning) when the
-    source runs out; fewer than one is an error.
+    Fewer contexts than asked are returned (with a warning) when the source runs out; fewer than
+    one is an error.
     """
     if not all(isinstance(v, int) for v in (n_tokens, ctx_len, skip_contexts)) or \
             ctx_len < 1 or n_tokens < ctx_len or skip_contexts < 0:
         raise ValueError(f"need integers with ctx_len >= 1, n_tokens >= ctx_len and "
                          f"skip_contexts >= 0, got n_tokens={n_tokens!r}, ctx_len={ctx_len!r}, "
                          f"skip_contexts={skip_contexts!r}")
-    want = (skip_contexts + n_tokens // ctx_len) * ctx_len
-    eos = tokenizer.eos_token_id
-    chunks, have = [], 0
-    batch: list[str] = []
-
-    def flush() -> None:
-        nonlocal have
-        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids = ids + [eos]
-            chunks.append(torch.tensor(ids, dtype=torch.int64))
-            have += len(ids)
-        batch.clear()
-
-    size = min(16, batch_docs)  # grow the batch: small budgets should not tokenise 256 documents
-    for text in iter_texts(source, text_column=text_column, split=split, seed=seed):
-        batch.append(text)
-        if len(batch) >= size:
-            flush()
-            size = min(2 * size, batch_docs)
-            if have >= want:
-                break
-    if batch:
-        flush()
+    want = n_tokens // ctx_len
+    rows = []
+    for row in iter_contexts(tokenizer, source, ctx_len=ctx_len, start=skip_contexts,
+                             text_column=text_column, split=split, seed=seed,
+                             batch_docs=batch_docs):
+        rows.append(row)
+        if len(rows) >= want:
+            break
     name = source or DEFAULT_TEXT
-    if have == 0:
-        raise ValueError(f"text source {name!r} yielded no text (column {text_column!r})")
-    stream = torch.cat(chunks)[skip_contexts * ctx_len:want]
-    n_ctx = stream.numel() // ctx_len
-    if n_ctx == 0:
-        raise ValueError(f"text source {name!r} has {have} tokens: fewer than one context of "
-                         f"{ctx_len} after skipping {skip_contexts} contexts")
-    if n_ctx < n_tokens // ctx_len:
-        warnings.warn(f"text source {name!r} ran out: {n_ctx} contexts of {ctx_len} tokens "
-                      f"instead of {n_tokens // ctx_len}", stacklevel=2)
-    return stream[: n_ctx * ctx_len].view(n_ctx, ctx_len)
+    if not rows:
+        raise ValueError(f"text source {name!r} has fewer than one context of {ctx_len} tokens "
+                         f"after skipping {skip_contexts} contexts")
+    if len(rows) < want:
+        warnings.warn(f"text source {name!r} ran out: {len(rows)} contexts of {ctx_len} tokens "
+                      f"instead of {want}", stacklevel=2)
+    return torch.stack(rows)

@@ -9,8 +9,6 @@ default. Run `python -m lgsae.groups` for harvest -> similarity -> groups on the
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import numpy as np
 import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
+
+from lgsae.io import save_with, write_json
 
 Groups = list[list[int]]
 
@@ -177,7 +177,7 @@ def plot_groups(result: dict, out: Path) -> list[Path]:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -199,51 +199,35 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lgsae.harvest import HarvestConfig, harvest
+    """`python -m lgsae.groups`: the statistics stage of `python -m lgsae.train` alone."""
+    from lgsae.capture import DTYPES, check_layers
+    from lgsae.config import GroupsConfig, parse
+    from lgsae.models import DEFAULT_MODEL, is_default, load_model, load_tokenizer
     from lgsae.similarity import layer_distances
+    from lgsae.sources import Forward, InMemoryActivations, context_batches
 
-    p = argparse.ArgumentParser(
-        prog="python -m lgsae.groups", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Harvest every layer, measure layer distances, and group similar layers.")
-    p.add_argument("--model", default=None,
-                   help="HF name or local path; None = SmolLM2-135M-Instruct, offline")
-    p.add_argument("--dataset", default=None,
-                   help="HF dataset, local .json/.jsonl/.txt; None = the packaged Wikipedia leads")
-    p.add_argument("--text-column", default="text", help="text column of --dataset")
-    p.add_argument("--tokens", type=int, default=20_480, help="tokens to harvest")
-    p.add_argument("--ctx", type=int, default=256, help="context length")
-    p.add_argument("--layers", default="all", help="blocks to use: all, 0-29, 0,2,4")
-    p.add_argument("--threshold", type=float, default=0.2, help="AMAD threshold that picks Ĝ")
-    p.add_argument("--out", default="runs/groups", help="folder for groups.json and plots")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model compute dtype")
-    p.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype the activations are stored in (default: --dtype)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward")
-    p.add_argument("--no-centre", action="store_true",
-                   help="raw cosines instead of subtracting each layer's mean first")
-    p.add_argument("--contiguous", action="store_true", help="only merge neighbouring layers")
-    p.add_argument("--include-last", action="store_true",
-                   help="cluster the last layer too instead of giving it its own SAE")
-    a = p.parse_args(argv)
-    cfg = HarvestConfig(model=a.model, dataset=a.dataset, text_column=a.text_column,
-                        tokens=a.tokens, ctx=a.ctx, layers=parse_layers(a.layers), dtype=a.dtype,
-                        cache_dtype=a.cache_dtype)
-    cache = harvest(cfg, device=a.device, batch_size=a.batch_size)
-    dist = layer_distances(cache, centre=not a.no_centre)
-    from lgsae.models import DEFAULT_MODEL, is_default
-
-    result = {"model": DEFAULT_MODEL if is_default(a.model) else a.model,
-              **compute_groups(dist, cache.layers, threshold=a.threshold,
-                               exclude_last=not a.include_last, contiguous=a.contiguous),
-              "tokens": cache.n_tokens, "centre": not a.no_centre, "cache": str(cache.root)}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "groups.json").write_text(json.dumps(result, indent=1))
+    c = parse(GroupsConfig, argv, prog="python -m lgsae.groups")
+    dc, gc = c.data, c.groups
+    tok = load_tokenizer(dc.model, trust_remote_code=dc.trust_remote_code)
+    model = load_model(dc.model, dtype=DTYPES[dc.model_dtype], device=dc.device,
+                       trust_remote_code=dc.trust_remote_code)
+    layers = check_layers(parse_layers(dc.layers), model.config.num_hidden_layers)
+    forward = Forward(model, layers, batch_size=dc.fwd_batch, store=DTYPES[dc.act_dtype],
+                      device=torch.device(dc.device))
+    n_ctx = -(-dc.stat_tokens // dc.ctx)
+    sample = InMemoryActivations.collect(
+        forward, context_batches(tok, dc.text(0), ctx=dc.ctx, start=0, count=n_ctx,
+                                 per=dc.fwd_batch), dc.ctx)
+    dist = layer_distances(sample, centre=gc.centre)
+    result = {"model": DEFAULT_MODEL if is_default(dc.model) else dc.model,
+              **compute_groups(dist, layers, threshold=gc.threshold,
+                               exclude_last=not gc.include_last, contiguous=gc.contiguous),
+              "tokens": sample.n_tokens, "centre": gc.centre}
+    out = Path(c.out)
+    write_json(out / "groups.json", result)
     plots = plot_groups(result, out)
     print(format_table(result))
-    print(f"Ĝ = {result['chosen_G']} (AMAD < {a.threshold}); separate: "
+    print(f"Ĝ = {result['chosen_G']} (AMAD < {gc.threshold}); separate: "
           f"{result['separate_layers']}; wrote {out / 'groups.json'} and "
           f"{', '.join(p.name for p in plots)}")
     return result

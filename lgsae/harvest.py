@@ -10,9 +10,12 @@ Cache layout (`<LGSAE_CACHE>/activations/<key>/`, key = hash of the settings):
     shard_00000/L003.safetensors       [tokens, D] activations of layer 3 in that shard
     shard_00000/tokens.safetensors     [contexts, ctx_len] token ids
     shard_00000/stats.safetensors      per-layer Σx [L, D] and Σ‖x‖ [L] (fp64), for centring/scales
-Every file is written into a temporary folder that is renamed into place, and the manifest is
-rewritten atomically after each shard, so a killed harvest resumes at the first missing shard and a
-finished one is reused as is.
+    shard_00000/shard.json             that shard's record: contexts, sha256 per file, seconds
+Each shard is written into a temporary folder that is renamed into place with its record; the
+manifest is written at the start and once more, complete, at the end. A killed harvest resumes at
+the first missing shard (tokenising up to it, never re-running the model on finished shards), a
+finished one is reused as is. The token stream is read lazily, one shard of contexts at a time.
+This is the optional cache (`--from-cache`): training streams from the model by default.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,86 +35,23 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from lgsae.data import token_contexts
+from lgsae.capture import (  # noqa: F401  (re-exported: older imports)
+    DTYPES,
+    SINK_POSITIONS,
+    LayerCapture,
+    check_layers,
+    find_blocks,
+    forward_layers,
+)
+from lgsae.data import iter_contexts
 from lgsae.models import cache_dir, load_model, load_tokenizer
 
 MANIFEST = "manifest.json"
 _FORMAT = 2  # 2: statistics exclude the attention-sink position
-# The first position of every context is the model's attention sink: its residual stream has up to
-# 100x the norm of other tokens (SmolLM2 layer 15: 24,600 vs 175), so it would dominate means,
-# scales, FVU and the SAE loss. It is stored, but statistics, training and FVU skip it, and the
-# evaluation splices reconstructions at the other positions only (like excluding BOS elsewhere).
-SINK_POSITIONS = 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class _StopForward(Exception):
-    """Raised by the hook on the last requested block to end the forward there."""
 
 
 class CorruptCacheError(RuntimeError):
     """A cache file is missing or its checksum does not match the manifest."""
-
-
-def find_blocks(model) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks: the ModuleList with num_hidden_layers entries."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and n is not None and len(module) == n:
-            return module
-    raise ValueError(
-        f"{type(model).__name__} has no list of {n} transformer blocks (an nn.ModuleList of "
-        "config.num_hidden_layers), so it has no residual-stream hidden states to harvest; "
-        "pass a decoder-only causal LM (Llama, GPT-NeoX, GPT-2, Gemma, ...)")
-
-
-def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    """Sorted, distinct, in-range block indices (all blocks when None)."""
-    if layers is None:
-        return list(range(n_layers))
-    layers = sorted({int(v) for v in layers})
-    bad = [v for v in layers if not 0 <= v < n_layers]
-    if bad or not layers:
-        raise ValueError(f"unknown layer(s) {bad or layers}: this model has blocks "
-                         f"0..{n_layers - 1}")
-    return layers
-
-
-class LayerCapture:
-    """Context manager: hooks that copy block outputs of `layers` and stop after the last one."""
-
-    def __init__(self, model, layers: Sequence[int]):
-        self.model, self.blocks, self.layers = model, find_blocks(model), list(layers)
-        self.out: dict[int, torch.Tensor] = {}
-        self.handles = []
-
-    def _hook(self, layer: int):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            self.out[layer] = h.detach()
-            if layer == self.layers[-1]:
-                raise _StopForward
-
-        return hook
-
-    def __enter__(self):
-        self.handles = [self.blocks[v].register_forward_hook(self._hook(v)) for v in self.layers]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        return False
-
-    @torch.no_grad()
-    def run(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-        """{layer: [B, T, D]} for one batch of token ids."""
-        self.out = {}
-        try:
-            self.model(input_ids=input_ids, use_cache=False)
-        except _StopForward:
-            pass
-        return self.out
 
 
 @dataclass
@@ -245,8 +186,8 @@ def harvest(cfg: HarvestConfig, *, device: str | torch.device = "cpu", batch_siz
     `model`/`tokenizer` may be passed already loaded (they must be what cfg.model names).
     """
     root = Path(root) if root is not None else cache_dir() / "activations" / cfg.key()
-    dtype = _DTYPES[cfg.dtype]
-    store = _DTYPES[cfg.cache_dtype or cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
+    store = DTYPES[cfg.cache_dtype or cfg.dtype]
     if (root / MANIFEST).is_file():
         manifest = json.loads((root / MANIFEST).read_text())
         if manifest.get("complete"):
@@ -259,9 +200,9 @@ def harvest(cfg: HarvestConfig, *, device: str | torch.device = "cpu", batch_siz
     model = model or load_model(cfg.model, dtype=dtype, device=device)
     n_blocks = model.config.num_hidden_layers
     layers = check_layers(cfg.layers, n_blocks)
-    contexts = token_contexts(tokenizer, cfg.dataset, n_tokens=cfg.tokens, ctx_len=cfg.ctx,
-                              text_column=cfg.text_column, seed=cfg.seed,
-                              skip_contexts=cfg.skip_contexts)
+    want = cfg.tokens // cfg.ctx
+    if want < 1:
+        raise ValueError(f"tokens={cfg.tokens} is fewer than one context of {cfg.ctx}")
     d = model.config.hidden_size
     per = shard_contexts or _shard_contexts(len(layers), d, cfg.ctx, store.itemsize)
     if manifest is None:
@@ -269,47 +210,61 @@ def harvest(cfg: HarvestConfig, *, device: str | torch.device = "cpu", batch_siz
         manifest = {"format": _FORMAT, "config": asdict(cfg), "model": cfg.model or "default",
                     "text": cfg.dataset or "default", "ctx_len": cfg.ctx, "dtype": cfg.dtype,
                     "cache_dtype": str(store).removeprefix("torch."), "layers": layers,
-                    "d_model": d, "n_tokens": contexts.numel(), "shard_contexts": per,
-                    "shards": [], "complete": False}
+                    "d_model": d, "shard_contexts": per, "complete": False}
         _write_json_atomic(root / MANIFEST, manifest)
     per = manifest["shard_contexts"]
-    n_shards = -(-contexts.shape[0] // per)
-    bar = tqdm(total=contexts.numel(), initial=len(manifest["shards"]) * per * cfg.ctx,
-               unit="tok", unit_scale=True, desc="harvest", disable=not progress)
+    # each finished shard carries its own record (shard.json, renamed into place with the shard),
+    # so progress costs one small file per shard instead of rewriting a growing manifest
+    shards = _finished_shards(root)
+    n_shards = -(-want // per)
+    done = sum(sh["n_contexts"] for sh in shards)
+    contexts = iter_contexts(tokenizer, cfg.dataset, ctx_len=cfg.ctx, text_column=cfg.text_column,
+                             seed=cfg.seed, start=cfg.skip_contexts + done)
+    bar = tqdm(total=want * cfg.ctx, initial=done * cfg.ctx, unit="tok", unit_scale=True,
+               desc="harvest", disable=not progress)
     with LayerCapture(model, layers) as cap:
-        for s in range(len(manifest["shards"]), n_shards):
-            ids = contexts[s * per:(s + 1) * per]
+        for s in range(len(shards), n_shards):
+            rows = [row for _, row in zip(range(min(per, want - done)), contexts)]
+            if not rows:
+                break
+            ids = torch.stack(rows)
             t0 = time.perf_counter()
-            acts = _run_shard(cap, ids, layers, batch_size, device, store)
-            manifest["shards"].append(_write_shard(root, s, ids, acts, layers, s * per, cfg.ctx))
-            manifest.setdefault("seconds", []).append(time.perf_counter() - t0)
-            _write_json_atomic(root / MANIFEST, manifest)
+            acts = forward_layers(cap, ids, batch_size, device, store)
+            seconds = time.perf_counter() - t0
+            shards.append(_write_shard(root, s, ids, acts, layers, done, cfg.ctx, seconds))
+            done += ids.shape[0]
             bar.update(ids.numel())
-            bar.set_postfix(tok_per_s=f"{ids.numel() / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(tok_per_s=f"{ids.numel() / seconds:.0f}")
+            if len(rows) < per:
+                break
     bar.close()
+    if done == 0:
+        raise ValueError(f"text source {cfg.dataset or 'default'!r} has fewer than one context "
+                         f"of {cfg.ctx} tokens after skipping {cfg.skip_contexts} contexts")
+    if done < want:
+        warnings.warn(f"text source {cfg.dataset or 'default'!r} ran out: {done} contexts of "
+                      f"{cfg.ctx} tokens instead of {want}", stacklevel=2)
     norms = torch.zeros(len(layers), dtype=torch.float64)
-    for shard in manifest["shards"]:
-        path = root / shard["dir"] / "stats.safetensors"
-        norms += load_file(path)["norm_sum"]
-    stat_tokens = manifest["n_tokens"] - (manifest["n_tokens"] // cfg.ctx) * SINK_POSITIONS
-    manifest["mean_norm"] = (norms / stat_tokens).tolist()
-    manifest["complete"] = True
+    for shard in shards:
+        norms += load_file(root / shard["dir"] / "stats.safetensors")["norm_sum"]
+    n_tokens = done * cfg.ctx
+    stat_tokens = n_tokens - done * SINK_POSITIONS
+    manifest.update(shards=shards, n_tokens=n_tokens, seconds=[sh["seconds"] for sh in shards],
+                    mean_norm=(norms / stat_tokens).tolist(), complete=True)
     _write_json_atomic(root / MANIFEST, manifest)
     return ActivationCache(root)
 
 
-def _run_shard(cap: LayerCapture, ids: torch.Tensor, layers: list[int], batch_size: int,
-               device, store: torch.dtype) -> dict[int, torch.Tensor]:
-    parts: dict[int, list[torch.Tensor]] = {v: [] for v in layers}
-    for b in range(0, ids.shape[0], batch_size):
-        out = cap.run(ids[b:b + batch_size].to(device))
-        for v in layers:
-            parts[v].append(out[v].reshape(-1, out[v].shape[-1]).to(store).cpu())
-    return {v: torch.cat(p) for v, p in parts.items()}
+def _finished_shards(root: Path) -> list[dict]:
+    """Records of the shards already on disk, in order (a harvest resumes after the last)."""
+    out = []
+    while (root / f"shard_{len(out):05d}" / "shard.json").is_file():
+        out.append(json.loads((root / f"shard_{len(out):05d}" / "shard.json").read_text()))
+    return out
 
 
 def _write_shard(root: Path, s: int, ids: torch.Tensor, acts: dict[int, torch.Tensor],
-                 layers: list[int], first_context: int, ctx: int) -> dict:
+                 layers: list[int], first_context: int, ctx: int, seconds: float) -> dict:
     sink = ~_kept_rows(ids.numel(), ctx)  # subtracting the few sink rows avoids copying the rest
     norm = [torch.linalg.vector_norm(acts[v].float(), dim=1) for v in layers]
     stats = {"sum": torch.stack([acts[v].sum(0, dtype=torch.float64)
@@ -333,8 +288,10 @@ def _write_shard(root: Path, s: int, ids: torch.Tensor, acts: dict[int, torch.Te
             blob = save(tensors)  # hash the bytes we write instead of reading the file back
             (tmp / fname).write_bytes(blob)
             sums[fname] = hashlib.sha256(blob).hexdigest()
+        record = {"dir": name, "n_contexts": ids.shape[0], "sha256": sums, "seconds": seconds}
+        (tmp / "shard.json").write_text(json.dumps(record))
         shutil.rmtree(root / name, ignore_errors=True)  # a stale folder from a killed run
         os.replace(tmp, root / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"dir": name, "n_contexts": ids.shape[0], "sha256": sums}
+    return record

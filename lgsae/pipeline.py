@@ -1,122 +1,63 @@
-"""`python -m lgsae.train`: harvest -> groups -> train -> evaluate -> report, in one run folder.
+"""The run behind `python -m lgsae.train`: statistics -> groups -> train -> evaluate -> report.
 
-Run folder: run.json (the flags), groups.json + distances/dendrogram/amad plots, checkpoints/,
-saes/<method>/<layers>/{cfg.json, sae.safetensors}, metrics.json, report.md, per_layer.png.
+Data flow (lgsae.sources has the token layout):
+1. the statistics prefix (`--stat-tokens`) goes through the model once and stays in memory:
+   per-layer scales and the layer-distance matrix, hence the groups (groups.json, plots);
+2. the training stream (`--tokens`) goes through the model chunk by chunk (or, with
+   `--from-cache`, through the disk cache) into the shuffle buffer (lgsae.buffer), whose batches
+   feed every SAE of every method (lgsae.trainer); checkpoints record the step, from which the
+   buffer is rebuilt on `--resume`;
+3. the held-out contexts go through the model with each reconstruction spliced in
+   (lgsae.evaluate); rank 0 writes metrics.json and report.md.
 
-Under `torchrun --nproc_per_node N` (lgsae.dist): rank 0 prepares the folder, harvests (one
-forward pass over the text for all layers; the others then open the finished cache: the cache is
-the single-process one by construction, and a harvest is cheap next to training), groups and
-writes every shared file. The SAEs are spread over the ranks by cost (latents x tokens), each rank
-training its own in full; with --data-parallel, or when there are fewer SAEs than ranks, every
-rank holds every SAE and trains on its share of each batch. Evaluation is split over the ranks and
-gathered on rank 0. Checkpoints go to checkpoints/rank<r>/.
+Under `torchrun --nproc_per_node N` (lgsae.dist) every rank runs its share of each forward and
+the activations are all-gathered; the SAEs are spread over the ranks by cost, each rank training
+its own in full, or with --data-parallel (or fewer SAEs than ranks) replicated, each rank
+training on its rows of each batch. Rank 0 prepares the folder and writes the shared files.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+import time
 from pathlib import Path
 
-import torch
-
 from lgsae import dist as distributed
+from lgsae.buffer import ShuffleBuffer
+from lgsae.capture import DTYPES, check_layers
+from lgsae.checkpoint import Checkpoints
+from lgsae.config import COSMETIC, PipelineConfig
+from lgsae.data import count_contexts
 from lgsae.groups import compute_groups, parse_layers, plot_groups
-from lgsae.harvest import HarvestConfig, harvest
+from lgsae.io import write_json
 from lgsae.models import DEFAULT_MODEL, is_default, load_model, load_tokenizer
+from lgsae.plan import choose_partition, methods_from, plan_saes
 from lgsae.similarity import layer_distances
-from lgsae.train import METHODS, TrainConfig, Trainer, plan_saes
-
-_RUN_FLAGS_IGNORED = ("resume", "overwrite")  # may differ between a run and its resumption
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m lgsae.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train one TopK SAE per group of similar layers (and the baselines), "
-                    "evaluate them on held-out tokens and write a report.")
-    a = p.add_argument
-    a("--model", default=None, help=f"HF name or local path; None = {DEFAULT_MODEL}, offline")
-    a("--dataset", default=None,
-      help="HF dataset, local .json/.jsonl/.txt; None = the packaged Wikipedia leads")
-    a("--text-column", default="text", help="text column of --dataset")
-    a("--tokens", type=int, default=49_152, help="training tokens (one pass, every SAE)")
-    a("--eval-tokens", type=int, default=1024, help="held-out tokens for evaluation")
-    a("--ctx", type=int, default=256, help="context length")
-    a("--layers", default="all", help="blocks: all, 0-29, 0,2,4")
-    a("--expansion", type=int, default=8, help="latents = expansion × model width")
-    a("--k", type=int, default=32, help="active latents per token")
-    a("--batch", type=int, default=256, help="tokens per training step")
-    a("--lr", type=float, default=None, help="learning rate (default: 2e-4/sqrt(M/2^14))")
-    a("--groups", default="auto",
-      help="auto (Ĝ by the AMAD rule), a number G, or explicit groups like '0-8;9-10;11-28'")
-    a("--threshold", type=float, default=0.2, help="AMAD threshold for --groups auto")
-    a("--contiguous", action="store_true", help="only group neighbouring layers")
-    a("--baselines", default="per-layer",
-      help="comma list of per-layer,even,smaller,single (or 'none')")
-    a("--dtype", default="float32", choices=["float32", "bfloat16"],
-      help="SAE matmuls; bfloat16 keeps fp32 master weights and Adam state")
-    a("--model-dtype", default="float32", choices=["float32", "bfloat16"],
-      help="model compute dtype for harvest and evaluation")
-    a("--cache-dtype", default="bfloat16", choices=["float32", "bfloat16"],
-      help="dtype of the stored activations")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--out", default="runs/default", help="run folder")
-    a("--seed", type=int, default=0)
-    a("--data-parallel", action="store_true",
-      help="under torchrun: replicate every SAE and split each batch over the ranks (default: "
-           "spread the SAEs over the ranks; data parallel anyway if there are fewer SAEs)")
-    a("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
-    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    a("--overwrite", action="store_true", help="delete --out first if it exists")
-    a("--no-progress", action="store_true", help="no progress bars")
-    a("--wandb", default=None, metavar="PROJECT",
-      help="also log training to this Weights & Biases project (needs `pip install wandb`)")
-    return p.parse_args(argv)
+from lgsae.sources import (
+    CacheSource,
+    Forward,
+    InMemoryActivations,
+    Layout,
+    StreamSource,
+    context_batches,
+    make_layout,
+)
+from lgsae.trainer import Trainer
 
 
-def _methods(text: str) -> list[str]:
-    names = [] if text.strip() in ("", "none") else [t.strip() for t in text.split(",")]
-    bad = [n for n in names if n not in METHODS[1:]]
-    if bad:
-        raise ValueError(f"--baselines: unknown {bad}; choose from {', '.join(METHODS[1:])}")
-    return ["groups"] + [m for m in METHODS[1:] if m in names]
-
-
-def _partition(spec: str, groups: dict) -> list[list[int]]:
-    """The groups to train from --groups: auto, a number G, or explicit 'a-b;c,d;...'."""
-    parts = groups["partitions"]
-    if spec == "auto":
-        return parts[str(groups["chosen_G"])]["groups"]
-    if spec.isdigit():
-        if spec not in parts:
-            raise ValueError(f"--groups {spec}: choose G in 1..{len(parts)}")
-        return parts[spec]["groups"]
-    explicit = [parse_layers(g) or [] for g in spec.split(";")]
-    flat = sorted(v for g in explicit for v in g)
-    want = groups["grouped_layers"]
-    if flat != want:
-        unknown = sorted(set(flat) - set(groups["layers"]))
-        separate = sorted(set(flat) & set(groups["separate_layers"]))
-        raise ValueError(
-            f"--groups {spec!r} must split layers {want} into groups, each layer once"
-            + (f"; unknown layers {unknown}" if unknown else "")
-            + (f"; layers {separate} get their own SAE and are not grouped" if separate else ""))
-    return explicit
-
-
-def _prepare_out(a: argparse.Namespace, world: int = 1) -> Path:
-    out = Path(a.out)
-    flags = {k: v for k, v in vars(a).items() if k not in _RUN_FLAGS_IGNORED}
+def prepare_out(c: PipelineConfig, world: int = 1) -> Path:
+    """Create (or check, for --resume) the run folder and write run.json."""
+    out, r = Path(c.run.out), c.run
+    flags = {k: v for k, v in c.flags().items() if k not in COSMETIC}
     flags["world_size"] = world
     if out.exists() and any(out.iterdir()):
-        if a.overwrite:
+        if r.overwrite:
             if not (out / "run.json").is_file():  # never rmtree a folder we did not create
                 raise FileExistsError(f"--overwrite: {out} is not an lgsae run folder (no "
                                       "run.json); remove it yourself or choose another --out")
             shutil.rmtree(out)
-        elif a.resume:
+        elif r.resume:
             old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
             old.setdefault("world_size", 1)
             if old.get("world_size") != world:
@@ -128,84 +69,122 @@ def _prepare_out(a: argparse.Namespace, world: int = 1) -> Path:
                 changed = sorted(k for k in set(old) | set(flags) if old.get(k) != flags.get(k))
                 raise ValueError(f"--resume: {out} was started with other flags ({changed}); "
                                  "resume with the same flags or use --overwrite")
+            return out
         else:
             raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or "
                                   "--overwrite to replace it (or choose another --out)")
-    elif a.resume:
+    elif r.resume:
         raise FileNotFoundError(f"--resume: nothing to resume in {out}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(flags, indent=1))
+    write_json(out / "run.json", flags)
     return out
 
 
-def _wandb_logger(a: argparse.Namespace, start: bool = True):
+def check_budget(c: PipelineConfig, tokenizer, layout: Layout) -> None:
+    """Before anything is written: does the text hold the statistics prefix, the held-out set
+    and the training stream? (Counted by tokenising, for the packaged text and local files; an
+    HF hub dataset is read lazily and the run stops where it ends.)"""
+    d = c.data
+    if d.dataset is not None and not Path(d.dataset).exists():
+        return
+    need = layout.total_contexts
+    have = count_contexts(tokenizer, d.dataset, ctx_len=d.ctx, limit=need,
+                          text_column=d.text_column, seed=c.train.seed)
+    if have < need:
+        per = layout.tokens_per_context
+        room = (have - layout.train_start) * per
+        raise ValueError(
+            f"--tokens {c.train.tokens:,}: the text {d.dataset or 'default (Wikipedia leads)'!r} "
+            f"holds {have:,} contexts of {d.ctx} ({have * d.ctx:,} tokens); the statistics "
+            f"prefix and held-out set take {layout.train_start:,} of them, so at most "
+            f"{max(room, 0):,} training tokens fit. Lower --tokens (or --stat-tokens / "
+            "--eval-tokens), or pass a larger --dataset")
+
+
+def run(c: PipelineConfig) -> dict:
+    d = distributed.init(c.data.device)
+    metrics = _run(c, d)
+    d.close()
+    return metrics
+
+
+def _wandb_logger(c: PipelineConfig, start: bool = True):
     """wandb's run.log (checked on every rank, started on rank 0 only: start=False elsewhere)."""
     try:
         import wandb
     except ImportError:
         raise ValueError("--wandb needs the wandb package: python -m pip install wandb") from None
-    return wandb.init(project=a.wandb, config=vars(a)).log if start else None
+    return wandb.init(project=c.run.wandb, config=c.flags()).log if start else None
 
 
-def run(a: argparse.Namespace) -> dict:
-    d = distributed.init(a.device)
-    metrics = _run(a, d)
-    d.close()
-    return metrics
-
-
-def _run(a: argparse.Namespace, d: distributed.Dist) -> dict:
+def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     from lgsae.evaluate import evaluate
     from lgsae.report import summarize, write_report
 
-    distributed.check_same(d, "flags", vars(a))
-    cfg = TrainConfig(k=a.k, expansion=a.expansion, batch=a.batch, lr=a.lr, dtype=a.dtype,
-                      seed=a.seed, checkpoint_every=a.checkpoint_every)
-    methods = _methods(a.baselines)
-    log = _wandb_logger(a, start=d.is_main) if a.wandb else None
-    out = d.on_main(lambda: _prepare_out(a, d.world))
-    progress = not a.no_progress and d.is_main
-    model_name = DEFAULT_MODEL if is_default(a.model) else a.model
-    dtype = torch.bfloat16 if a.model_dtype == "bfloat16" else torch.float32
-    device = d.device
-    model = d.main_first(lambda: load_model(a.model, dtype=dtype, device=device))
-    tok = load_tokenizer(a.model)
+    distributed.check_same(d, "flags", c.flags())
+    dc, tc = c.data, c.train
+    methods = methods_from(tc.baselines)
+    log = _wandb_logger(c, start=d.is_main) if c.run.wandb else None
+    progress = c.run.progress and d.is_main
+    model_name = DEFAULT_MODEL if is_default(dc.model) else dc.model
+    model = d.main_first(lambda: load_model(dc.model, dtype=DTYPES[dc.model_dtype],
+                                            device=d.device,
+                                            trust_remote_code=dc.trust_remote_code))
+    tok = load_tokenizer(dc.model, trust_remote_code=dc.trust_remote_code)
+    layers = check_layers(parse_layers(dc.layers), model.config.num_hidden_layers)
+    layout = make_layout(ctx=dc.ctx, stat_tokens=dc.stat_tokens, eval_tokens=dc.eval_tokens,
+                         train_tokens=tc.tokens, buffer_tokens=tc.buffer_tokens,
+                         fwd_batch=dc.fwd_batch)
+    d.on_main(lambda: check_budget(c, tok, layout))
+    out = d.on_main(lambda: prepare_out(c, d.world))
+    forward = Forward(model, layers, batch_size=dc.fwd_batch, store=DTYPES[dc.act_dtype],
+                      device=d.device, dist=d)
+    text = dc.text(tc.seed)
 
-    hk = dict(model=a.model, dataset=a.dataset, text_column=a.text_column, ctx=a.ctx,
-              layers=parse_layers(a.layers), dtype=a.model_dtype, cache_dtype=a.cache_dtype,
-              seed=a.seed)
-    kw = dict(model=model, tokenizer=tok, device=device, progress=progress)
-    train_cache = d.main_first(lambda: harvest(HarvestConfig(tokens=a.tokens, **hk), **kw))
-    harvest_seconds = train_cache.harvest_seconds  # when it was computed, if reused now
-    eval_cache = d.main_first(lambda: harvest(HarvestConfig(
-        tokens=a.eval_tokens, skip_contexts=train_cache.n_tokens // a.ctx, **hk), **kw))
+    def contexts(start: int, count: int):
+        return context_batches(tok, text, ctx=dc.ctx, start=start, count=count,
+                               per=layout.chunk_contexts)
 
-    def grouping() -> dict:
-        groups = {"model": model_name,
-                  **compute_groups(layer_distances(train_cache), train_cache.layers,
-                                   threshold=a.threshold, contiguous=a.contiguous),
-                  "tokens": train_cache.n_tokens}
-        (out / "groups.json").write_text(json.dumps(groups, indent=1))
+    # 1. statistics prefix -> scales, distances, groups (every rank computes the same)
+    t0 = time.perf_counter()
+    sample = InMemoryActivations.collect(forward, contexts(0, layout.stat_contexts), dc.ctx)
+    groups = {"model": model_name,
+              **compute_groups(layer_distances(sample, centre=c.groups.centre), layers,
+                               threshold=c.groups.threshold, contiguous=c.groups.contiguous,
+                               exclude_last=not c.groups.include_last),
+              "tokens": sample.n_tokens, "centre": c.groups.centre}
+    scales, d_model = sample.scales, sample.d_model
+    del sample
+    stat_seconds = time.perf_counter() - t0
+
+    def write_groups():
+        write_json(out / "groups.json", groups)
         plot_groups(groups, out)
-        return groups
 
-    groups = d.on_main(grouping)
-    partition = _partition(a.groups, groups)
+    d.on_main(write_groups)
+    partition = choose_partition(c.groups.groups, groups)
 
-    specs = plan_saes(groups, partition, methods, train_cache.d_model, a.expansion, a.k)
-    data_parallel = d.active and (a.data_parallel or len(specs) < d.world)
-    costs = [s.num_latents * train_cache.n_stat_tokens for s in specs]
+    # 2. training: every SAE of every method on the same shuffled batches
+    specs = plan_saes(groups, partition, methods, d_model, tc.expansion, tc.k)
+    data_parallel = d.active and (tc.data_parallel or len(specs) < d.world)
+    costs = [s.num_latents for s in specs]
     owned = None if data_parallel else distributed.balance(costs, d.world)[d.rank]
-    trainer = Trainer(specs, train_cache, cfg, model_name, device=device, owned=owned, dist=d,
+    trainer = Trainer(specs, tc, model_name, d_model=d_model, scales=scales,
+                      total_tokens=tc.tokens, device=d.device, owned=owned, dist=d,
                       data_parallel=data_parallel)
-    if a.resume:
-        trainer.load_checkpoint(out / "checkpoints")
-    trainer.fit(out / "checkpoints", progress=progress, log=log)
+    source = _source(c, forward, layout, tok, model, d)
+    ckpt = Checkpoints(out / "checkpoints", c.run.checkpoint_minutes, d)
+    if c.run.resume:
+        ckpt.load(trainer)
+    buffer = ShuffleBuffer(source, layout, tc.batch, tc.seed)
+    trainer.fit(buffer.batches(trainer.step), ckpt, progress=progress, log=log)
     if d.is_main or not data_parallel:  # replicas are identical: rank 0 saves them
         for spec, sae in zip(trainer.specs, trainer.saes):
             sae.save(out / "saes" / spec.name)
 
-    # evaluation: each rank its own SAEs (data parallel: a balanced share of the replicas)
+    # 3. held-out evaluation: each rank its own SAEs (data parallel: a share of the replicas)
+    held_out = InMemoryActivations.collect(
+        forward, contexts(layout.stat_contexts, layout.eval_contexts), dc.ctx)
     mine = list(range(len(trainer.specs)))
     if data_parallel:
         mine = distributed.balance([len(s.layers) for s in trainer.specs], d.world)[d.rank]
@@ -213,8 +192,8 @@ def _run(a: argparse.Namespace, d: distributed.Dist) -> dict:
     for i in mine:
         for v in trainer.specs[i].layers:
             by_method.setdefault(trainer.specs[i].method, {})[v] = trainer.saes[i]
-    results = evaluate(by_method, eval_cache, model, progress=progress) if by_method \
-        else {"per_layer": {}, "clean_ce": None}  # (never rank 0: it owns the largest SAE)
+    results = evaluate(by_method, held_out, model, progress=progress) if by_method \
+        else {"per_layer": {}, "clean_ce": None}
     stats = {}
     for part in d.gather(trainer.sae_stats()):
         for i, st in part.items():  # data parallel: the slowest rank's seconds
@@ -224,17 +203,44 @@ def _run(a: argparse.Namespace, d: distributed.Dist) -> dict:
     for part in d.gather(results["per_layer"]):
         for method, rows in part.items():
             per_layer.setdefault(method, {}).update(rows)
-    results = {"per_layer": per_layer, "clean_ce": results["clean_ce"]}
+    clean = [ce for ce in d.gather(results["clean_ce"]) if ce is not None][0]
+    results = {"per_layer": per_layer, "clean_ce": clean}
+    forward_seconds = stat_seconds + sum(d.gather(forward.seconds)) / d.world
 
     def report() -> dict:
-        metrics = summarize(stats, specs, results, groups, harvest_seconds,
-                            eval_tokens=eval_cache.n_tokens, partition=partition,
+        metrics = summarize(stats, specs, results, groups, forward_seconds,
+                            eval_tokens=held_out.n_tokens, partition=partition,
                             tokens_train=trainer.tokens, dead_window=trainer.dead_window)
-        metrics["processes"] = d.world
-        metrics["parallel"] = "data" if data_parallel else ("saes" if d.active else "none")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        metrics.update(processes=d.world, source="cache" if tc.from_cache else "stream",
+                       parallel="data" if data_parallel else ("saes" if d.active else "none"),
+                       buffer_tokens=2 * layout.chunk_contexts * layout.tokens_per_context,
+                       stat_tokens=groups["tokens"])
+        write_json(out / "metrics.json", metrics)
         write_report(out, metrics, groups)
         print((out / "report.md").read_text().split("\n## ")[1])
         return metrics
 
-    return d.on_main(report)
+    metrics = d.on_main(report)
+    if not c.run.keep_checkpoint:
+        ckpt.remove()
+    return metrics
+
+
+def _source(c: PipelineConfig, forward: Forward, layout: Layout, tok, model, d):
+    if not c.train.from_cache:
+        return StreamSource(forward, layout, tok, c.data.text(c.train.seed))
+    from lgsae.harvest import HarvestConfig, harvest
+    from lgsae.sources import weights_fingerprint
+
+    dc = c.data
+    cfg = HarvestConfig(model=dc.model, dataset=dc.dataset, text_column=dc.text_column,
+                        tokens=layout.train_contexts * dc.ctx, ctx=dc.ctx, layers=forward.layers,
+                        dtype=dc.model_dtype, cache_dtype=dc.act_dtype, seed=c.train.seed,
+                        skip_contexts=layout.train_start,
+                        extra={"weights": weights_fingerprint(model), "fwd_batch": dc.fwd_batch})
+    # rank 0 harvests (once; later runs reuse the cache), the others then open it
+    cache = d.main_first(lambda: harvest(cfg, device=d.device, batch_size=dc.fwd_batch,
+                                         model=model, tokenizer=tok,
+                                         progress=c.run.progress and d.is_main,
+                                         shard_contexts=layout.chunk_contexts))
+    return CacheSource(cache)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lgsae.io import save_with, write_atomic
+
 # Ghilardi et al., Table 1 (Pythia-160M, L=12, Ĝ=6): mean FVU and ΔCE% over layers.
 PAPER_PYTHIA = {
     "per-layer": (0.097, 5.33),
@@ -16,7 +18,7 @@ PAPER_PYTHIA = {
 _KEYS = ("fvu", "delta_ce_pct", "l0", "dead_pct", "kl", "mse", "explained_variance")
 
 
-def summarize(stats: dict[int, dict], specs, results: dict, groups: dict, harvest_seconds: float,
+def summarize(stats: dict[int, dict], specs, results: dict, groups: dict, forward_seconds: float,
               eval_tokens: int, partition: list[list[int]], tokens_train: int,
               dead_window: int) -> dict:
     """The metrics.json dict: per method the means over layers excluding the last one.
@@ -39,7 +41,7 @@ def summarize(stats: dict[int, dict], specs, results: dict, groups: dict, harves
             list(m["per_layer"].values())
         for key in _KEYS:
             m[key] = sum(row[key] for row in inner) / len(inner)
-        m["harvest_seconds"] = harvest_seconds
+        m["forward_seconds"] = forward_seconds
     return {"model": groups["model"], "tokens_train": tokens_train, "tokens_eval": eval_tokens,
             "chosen_G": groups["chosen_G"], "trained_G": len(partition),
             "clean_ce": results["clean_ce"], "dead_window_tokens": dead_window,
@@ -61,7 +63,7 @@ def write_report(out: Path, metrics: dict, groups: dict) -> Path:
     trained = [s["layers"] for s in methods["groups"]["saes"].values()]
     groups_line = " ".join(f"[{g[0]}..{g[-1]}]" if len(g) > 1 else f"[{g[0]}]" for g in trained)
     plot = _plot_per_layer(out, metrics)
-    harvest_s = next(iter(methods.values()))["harvest_seconds"]
+    forward_s = next(iter(methods.values()))["forward_seconds"]
     text = f"""# lgsae run: {metrics['model']}
 
 ## Results
@@ -75,9 +77,9 @@ Held-out evaluation on {metrics['tokens_eval']:,} tokens after one pass over
 
 FVU = ‖x − x̂‖² / ‖x − mean‖²; ΔCE % = (CE with layer l replaced by its reconstruction − clean CE)
 / clean CE; L0 = active latents per token; dead % = latents with no firing in the last
-{metrics['dead_window_tokens']:,} training tokens; SAE-training seconds exclude the shared harvest
-({harvest_s:.0f} s of model forward over every layer); FLOPs count each SAE's training work
-(encoder GEMM plus the sparse decode and backward).
+{metrics['dead_window_tokens']:,} training tokens; SAE-training seconds exclude the shared
+model forward ({forward_s:.0f} s: statistics prefix and training stream, every layer at once);
+FLOPs count each SAE's training work (encoder GEMM plus the sparse decode and backward).
 
 ## Per layer
 
@@ -92,8 +94,7 @@ FVU = ‖x − x̂‖² / ‖x − mean‖²; ΔCE % = (CE with layer l replaced
 {chr(10).join(paper)}
 """
     path = out / "report.md"
-    path.write_text(text)
-    return path
+    return write_atomic(path, text)
 
 
 def _plot_per_layer(out: Path, metrics: dict) -> Path:
@@ -114,7 +115,6 @@ def _plot_per_layer(out: Path, metrics: dict) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    path = out / "per_layer.png"
-    fig.savefig(path, dpi=110)
+    path = save_with(out / "per_layer.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lgsae import ops
+from lgsae.io import write_folder
 
 # sparsify's SparseCoderConfig fields, in its order; written so sparsify can load our folders.
 _SPARSIFY_DEFAULTS = {
@@ -294,14 +294,15 @@ class GroupSAE(nn.Module):
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `path/cfg.json` and `path/sae.safetensors`; each file is replaced atomically."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        """Write `path/cfg.json` and `path/sae.safetensors`; the folder appears (or replaces an
+        older one) whole, through lgsae.io.write_folder."""
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        _atomic_write(path / "sae.safetensors", lambda f: save_file(tensors, f))
-        _atomic_write(path / "cfg.json",
-                      lambda f: Path(f).write_text(json.dumps(self.config(), indent=2) + "\n"))
-        return path
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, tmp / "sae.safetensors")
+            (tmp / "cfg.json").write_text(json.dumps(self.config(), indent=2) + "\n")
+
+        return write_folder(path, fill)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -348,15 +349,3 @@ def _is_int(v) -> bool:
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ValueError(msg)
-
-
-def _atomic_write(target: Path, write) -> None:
-    """write(tmp) then rename over target: readers see the old file or the new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

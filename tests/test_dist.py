@@ -14,7 +14,8 @@ from conftest import assert_close, tiny_model_dir, write_texts
 from safetensors.torch import load_file
 
 from lgsae import dist
-from lgsae.pipeline import _prepare_out, parse_args
+from lgsae.config import PipelineConfig, parse
+from lgsae.pipeline import prepare_out
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -26,8 +27,9 @@ def job(tmp_path_factory):
     env = {"LGSAE_CACHE": str(d / "cache"), "OMP_NUM_THREADS": "1"}
     flags = ["--model", tiny_model_dir(d / "m", n_layers=5),
              "--dataset", write_texts(d / "t.jsonl", n_docs=300), "--tokens", "2048",
-             "--eval-tokens", "128", "--ctx", "32", "--batch", "256", "--expansion", "2",
-             "--k", "4", "--checkpoint-every", "2", "--no-progress"]
+             "--eval-tokens", "128", "--stat-tokens", "256", "--ctx", "32", "--batch", "256",
+             "--buffer-tokens", "1024", "--expansion", "2", "--k", "4",
+             "--checkpoint-minutes", "0", "--keep-checkpoint", "--no-progress"]
 
     def launch(out, *extra, procs=1, script=None, check=True):
         """Run the pipeline in `out` (1 process, or `procs` under torchrun); same threads."""
@@ -99,20 +101,21 @@ def test_data_parallel_matches_the_one_process_run(job):
 _DIE = """
 import os, signal, sys
 import lgsae.train as T
-real = T.Trainer.train_batch
+import lgsae.trainer as TR
+real = TR.Trainer.train_batch
 def dying(self, batch):
     if self.step == int(os.environ["DIE_AT"]) and os.environ["RANK"] == "1":
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, batch)
-T.Trainer.train_batch = dying
+TR.Trainer.train_batch = dying
 T.main(sys.argv[1:])
 """
 
 
 @pytest.mark.parametrize("mode,die_at", [("spread", 5), ("dp", 5), ("spread", 1)])
 def test_resume_after_one_rank_is_killed(job, mode, die_at, monkeypatch):
-    """Rank 1 is SIGKILLed before step `die_at` (checkpoints every 2 steps): after step 4's
-    checkpoint, or (die_at 1) before it wrote any while rank 0 may have."""
+    """Rank 1 is SIGKILLed when it is about to train step `die_at + 1`; checkpoints follow every
+    step, and the ranks agree on each, so step `die_at`'s is its last."""
     root = job["root"]
     script = root / "die.py"
     script.write_text(_DIE)
@@ -123,7 +126,7 @@ def test_resume_after_one_rank_is_killed(job, mode, die_at, monkeypatch):
     assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-3000:]
     assert not (root / out / "metrics.json").exists()
     assert sorted(p.name for p in (root / out / "checkpoints" / "rank1").glob("step_*"))[-1:] == \
-        ([f"step_{die_at - die_at % 2:06d}"] if die_at >= 2 else [])
+        [f"step_{die_at:06d}"]
     job["launch"](out, *extra, "--resume", procs=2)
     if mode == "spread":
         same_files(root / "one", root / out)
@@ -137,9 +140,9 @@ def test_resume_with_another_world_size_is_refused(job, tmp_path):
     root = job["root"]
     copy = root / "one-copy"  # a copy: a broken refusal must not damage the reference run
     shutil.copytree(root / "one", copy)
-    a = parse_args(["--out", str(copy), "--resume"])
+    a = parse(PipelineConfig, ["--out", str(copy), "--resume"], prog="t")
     with pytest.raises(ValueError, match="was run by 1 process.*--nproc_per_node 1"):
-        _prepare_out(a, world=2)
+        prepare_out(a, world=2)
     proc = job["launch"]("one-copy", "--resume", procs=2, check=False)
     assert proc.returncode != 0 and "was run by 1 process" in proc.stderr
     assert (copy / "run.json").read_bytes() == (root / "one" / "run.json").read_bytes()

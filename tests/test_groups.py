@@ -116,8 +116,8 @@ def test_bad_threshold_and_shape():
 
 @pytest.mark.slow
 def test_cli_on_the_default_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("lgsae.harvest.cache_dir", lambda: tmp_path / "cache")
-    res = G.main(["--tokens", "1024", "--ctx", "128", "--layers", "0-7", "--out",
+    monkeypatch.setenv("LGSAE_CACHE", str(tmp_path / "cache"))
+    res = G.main(["--stat-tokens", "1024", "--ctx", "128", "--layers", "0-7", "--out",
                   str(tmp_path / "out")])
     data = json.loads((tmp_path / "out" / "groups.json").read_text())
     for key in ("model", "layers", "distances", "threshold", "chosen_G", "partitions", "even",

@@ -10,8 +10,25 @@ import torch
 from conftest import CharTokenizer, tiny_model, tiny_model_dir, write_texts
 
 from lgsae import GroupSAE
-from lgsae.harvest import HarvestConfig, harvest
-from lgsae.train import SAESpec, TrainConfig, Trainer, main
+from lgsae.config import TrainConfig
+from lgsae.plan import SAESpec
+from lgsae.sources import Forward, InMemoryActivations, context_batches
+from lgsae.train import main
+from lgsae.trainer import Trainer
+
+
+def sample(tmp_path, tokens: int, ctx: int = 32) -> InMemoryActivations:
+    """Activations of every layer of the tiny model over `tokens` tokens, in memory."""
+    model = tiny_model()
+    fwd = Forward(model, list(range(4)), batch_size=4, store=torch.float32, device="cpu")
+    ids = context_batches(CharTokenizer(61), {"dataset": write_texts(tmp_path / "t.jsonl")},
+                          ctx=ctx, start=0, count=tokens // ctx, per=8)
+    return InMemoryActivations.collect(fwd, ids, ctx)
+
+
+def trainer_for(acts: InMemoryActivations, spec: SAESpec, cfg: TrainConfig) -> Trainer:
+    return Trainer([spec], cfg, "tiny", d_model=acts.d_model, scales=acts.scales,
+                   total_tokens=acts.n_stat_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +40,9 @@ def tiny(tmp_path_factory):
 
 def flags(tiny, out, *extra):
     return ["--model", tiny["model"], "--dataset", tiny["text"], "--tokens", "2048",
-            "--eval-tokens", "128", "--ctx", "32", "--batch", "256", "--expansion", "2",
-            "--k", "4", "--checkpoint-every", "2", "--out", str(out), "--no-progress", *extra]
+            "--eval-tokens", "128", "--stat-tokens", "256", "--ctx", "32", "--batch", "256",
+            "--buffer-tokens", "1024", "--expansion", "2", "--k", "4", "--checkpoint-minutes",
+            "0", "--out", str(out), "--no-progress", *extra]
 
 
 def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
@@ -34,17 +52,18 @@ def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
     for f in ("run.json", "groups.json", "metrics.json", "report.md", "per_layer.png",
               "distances.png", "dendrogram.png", "amad.png"):
         assert (run / f).is_file(), f
-    assert list((run / "checkpoints").glob("step_*"))
+    assert not (run / "checkpoints").exists()  # deleted after a finished run
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     for key in ("model", "tokens_train", "tokens_eval", "chosen_G", "methods"):
         assert key in on_disk
     assert set(on_disk["methods"]) == {"groups", "per-layer", "even", "smaller", "single"}
-    # 2048 tokens in contexts of 32 minus the sink position: 1984, in whole batches of 256
-    assert on_disk["tokens_train"] == 1792 and on_disk["tokens_eval"] == 128
+    # --tokens is the training budget: 8 whole batches of 256
+    assert on_disk["tokens_train"] == 2048 and on_disk["tokens_eval"] == 128
+    assert on_disk["source"] == "stream" and on_disk["stat_tokens"] == 256
     for name, m in on_disk["methods"].items():
         for key in ("n_saes", "fvu", "delta_ce_pct", "l0", "dead_pct", "kl", "train_seconds",
-                    "harvest_seconds", "flops", "per_layer"):
+                    "forward_seconds", "flops", "per_layer"):
             assert key in m, (name, key)
         assert set(m["per_layer"]) == {str(v) for v in range(5)}
         assert 0 < m["fvu"] < 1.5 and 0 < m["l0"] <= 4
@@ -61,13 +80,12 @@ def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
 
 
 def test_saved_sae_reproduces_its_reconstruction(tmp_path):
-    cfg = HarvestConfig(model="tiny", dataset=write_texts(tmp_path / "t.jsonl"), tokens=512,
-                        ctx=32)
-    cache = harvest(cfg, root=tmp_path / "c", model=tiny_model(), tokenizer=CharTokenizer(61),
-                    progress=False)
+    cache = sample(tmp_path, 512)
     spec = SAESpec("groups/L01-L02", "groups", [1, 2], 64)
-    trainer = Trainer([spec], cache, TrainConfig(k=4, batch=128), "tiny")
-    trainer.fit(progress=False)
+    trainer = trainer_for(cache, spec, TrainConfig(k=4, batch=128))
+    x1, x2 = (next(cache.iter_shards([v], skip_sink=True))[v] for v in (1, 2))
+    trainer.fit(({1: x1[i:i + 128], 2: x2[i:i + 128]} for i in range(0, 384, 128)),
+                progress=False)
     assert trainer.step == 3  # 512 tokens minus 16 sink positions, in batches of 128
     trainer.saes[0].save(tmp_path / "sae")
     back = GroupSAE.load(tmp_path / "sae")
@@ -80,12 +98,13 @@ _CHILD = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import lgsae.train as T
-real = T.Trainer.train_batch
+import lgsae.trainer as TR
+real = TR.Trainer.train_batch
 def dying(self, batch):
     if self.step == 5:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, batch)
-T.Trainer.train_batch = dying
+TR.Trainer.train_batch = dying
 T.main({argv!r})
 """
 
@@ -96,7 +115,7 @@ def test_resume_after_sigkill_gives_identical_weights(tiny, tmp_path, monkeypatc
     child = _CHILD.format(tests=str(Path(__file__).parent), argv=argv)
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [p.name for p in (tmp_path / "killed" / "checkpoints").glob("step_*")] == ["step_000004"]
+    assert [p.name for p in (tmp_path / "killed" / "checkpoints").glob("step_*")] == ["step_000005"]
     main(flags(tiny, tmp_path / "killed", "--resume"))
     main(flags(tiny, tmp_path / "clean"))
     a = sorted((tmp_path / "killed" / "saes").rglob("sae.safetensors"))
@@ -142,12 +161,9 @@ def test_bad_flags_give_one_clear_error(tiny, tmp_path, monkeypatch, extra, exc,
 
 
 def test_nan_in_a_batch_names_layer_and_step(tmp_path):
-    cfg = HarvestConfig(model="tiny", dataset=write_texts(tmp_path / "t.jsonl"), tokens=256,
-                        ctx=32)
-    cache = harvest(cfg, root=tmp_path / "c", model=tiny_model(), tokenizer=CharTokenizer(61),
-                    progress=False)
-    trainer = Trainer([SAESpec("per-layer/L02", "per-layer", [2], 64)], cache,
-                      TrainConfig(k=4, batch=64), "tiny")
+    cache = sample(tmp_path, 256)
+    trainer = trainer_for(cache, SAESpec("per-layer/L02", "per-layer", [2], 64),
+                          TrainConfig(k=4, batch=64))
     batch = {2: torch.randn(64, 32)}
     trainer.train_batch(batch)
     batch[2][7, 3] = float("nan")
@@ -183,23 +199,19 @@ def test_splice_is_exact_for_a_perfect_reconstruction_and_keeps_the_sink():
 def test_width_mismatch_is_one_clear_error(tmp_path):
     from lgsae.evaluate import reconstruction_metrics
 
-    cfg = HarvestConfig(model="tiny", dataset=write_texts(tmp_path / "t.jsonl"), tokens=64,
-                        ctx=32)
-    cache = harvest(cfg, root=tmp_path / "c", model=tiny_model(), tokenizer=CharTokenizer(61),
-                    progress=False)
+    cache = sample(tmp_path, 64)
     with pytest.raises(ValueError, match="input width 32 does not match the SAE's d_in=16"):
         reconstruction_metrics({"x": {1: GroupSAE(16, k=2, num_latents=8, layers=[1])}}, cache)
 
 
 def test_bf16_training_keeps_fp32_master_weights(tmp_path):
-    cfg = HarvestConfig(model="tiny", dataset=write_texts(tmp_path / "t.jsonl"), tokens=512,
-                        ctx=32)
-    cache = harvest(cfg, root=tmp_path / "c", model=tiny_model(), tokenizer=CharTokenizer(61),
-                    progress=False)
+    cache = sample(tmp_path, 512)
     spec = SAESpec("groups/L01-L02", "groups", [1, 2], 64)
-    trainer = Trainer([spec], cache, TrainConfig(k=4, batch=128, dtype="bfloat16"), "tiny")
+    trainer = trainer_for(cache, spec, TrainConfig(k=4, batch=128, dtype="bfloat16"))
     before = trainer.saes[0].encoder.weight.detach().clone()
-    trainer.fit(progress=False)
+    x1, x2 = (next(cache.iter_shards([v], skip_sink=True))[v] for v in (1, 2))
+    trainer.fit(({1: x1[i:i + 128], 2: x2[i:i + 128]} for i in range(0, 384, 128)),
+                progress=False)
     sae = trainer.saes[0]
     assert (sae.dtype, sae.compute_dtype) == (torch.float32, torch.bfloat16)
     assert all(t.dtype == torch.float32 for st in trainer.opts[0].state.values()

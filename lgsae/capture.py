@@ -1,0 +1,104 @@
+"""Capture the residual stream after chosen blocks in one forward pass that stops after the last.
+
+Layer l is the output of block l (HF `hidden_states[l + 1]`; for the model's last block HF applies
+the final norm to `hidden_states[-1]`, while we keep the raw residual stream, as TransformerLens'
+`resid_post` does). The forward stops right after the last requested block: later blocks and the LM
+head never run. `forward_layers` is the one function that turns token ids into stored activations,
+for the stream, the disk cache and the held-out set alike, so all three see the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# The first position of every context is the model's attention sink: its residual stream has up to
+# 100x the norm of other tokens (SmolLM2 layer 15: 24,600 vs 175), so it would dominate means,
+# scales, FVU and the SAE loss. It is stored in the cache, but statistics, training and FVU skip it
+# (the stream drops it at once), and the evaluation splices reconstructions at the other positions.
+SINK_POSITIONS = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the last requested block to end the forward there."""
+
+
+def find_blocks(model) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks: the ModuleList with num_hidden_layers entries."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and n is not None and len(module) == n:
+            return module
+    raise ValueError(
+        f"{type(model).__name__} has no list of {n} transformer blocks (an nn.ModuleList of "
+        "config.num_hidden_layers), so it has no residual-stream hidden states to harvest; "
+        "pass a decoder-only causal LM (Llama, GPT-NeoX, GPT-2, Gemma, ...)")
+
+
+def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """Sorted, distinct, in-range block indices (all blocks when None)."""
+    if layers is None:
+        return list(range(n_layers))
+    layers = sorted({int(v) for v in layers})
+    bad = [v for v in layers if not 0 <= v < n_layers]
+    if bad or not layers:
+        raise ValueError(f"unknown layer(s) {bad or layers}: this model has blocks "
+                         f"0..{n_layers - 1}")
+    return layers
+
+
+class LayerCapture:
+    """Context manager: hooks that copy block outputs of `layers` and stop after the last one."""
+
+    def __init__(self, model, layers: Sequence[int]):
+        self.model, self.blocks, self.layers = model, find_blocks(model), list(layers)
+        self.out: dict[int, torch.Tensor] = {}
+        self.handles = []
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            self.out[layer] = h.detach()
+            if layer == self.layers[-1]:
+                raise _StopForward
+
+        return hook
+
+    def __enter__(self):
+        self.handles = [self.blocks[v].register_forward_hook(self._hook(v)) for v in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{layer: [B, T, D]} for one batch of token ids."""
+        self.out = {}
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        return self.out
+
+
+@torch.no_grad()
+def forward_layers(cap: LayerCapture, ids: torch.Tensor, batch_size: int, device,
+                   store: torch.dtype) -> dict[int, torch.Tensor]:
+    """{layer: [contexts * ctx, D]} in `store` dtype on the CPU, forwarding `batch_size` contexts
+    at a time (the batching is part of the bits: callers that must agree use the same)."""
+    parts: dict[int, list[torch.Tensor]] = {v: [] for v in cap.layers}
+    for b in range(0, ids.shape[0], batch_size):
+        out = cap.run(ids[b:b + batch_size].to(device))
+        for v in cap.layers:
+            parts[v].append(out[v].reshape(-1, out[v].shape[-1]).to(store).cpu())
+    return {v: torch.cat(p) for v, p in parts.items()}
+
+
+def drop_sink(x: torch.Tensor, ctx: int) -> torch.Tensor:
+    """Rows of a [contexts * ctx, D] tensor without each context's first SINK_POSITIONS."""
+    return x.view(-1, ctx, x.shape[-1])[:, SINK_POSITIONS:].reshape(-1, x.shape[-1])

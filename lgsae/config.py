@@ -1,0 +1,188 @@
+"""Settings, one dataclass per stage; the command-line flags are generated from them (tyro), so a
+flag, its default and its help text are written once, in the field's docstring.
+
+`python -m lgsae.train` = DataConfig + GroupConfig + TrainConfig + RunConfig;
+`python -m lgsae.groups` = DataConfig + GroupConfig + an output folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Precision = Literal["float32", "bfloat16"]
+
+
+def _positive(name: str, value, minimum=1) -> None:
+    if value < minimum:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+@dataclass
+class DataConfig:
+    """Model, text and where in the token stream each part of the run reads."""
+
+    model: str | None = None
+    """HF name or local model folder; None: SmolLM2-135M-Instruct, packaged (offline)."""
+    dataset: str | None = None
+    """HF dataset (streamed) or local .json/.jsonl/.txt; None: the packaged Wikipedia leads."""
+    text_column: str = "text"
+    """Text column of --dataset."""
+    ctx: int = 256
+    """Context length in tokens."""
+    layers: str = "all"
+    """Blocks to train SAEs for: all, 0-29, 0,2,4."""
+    stat_tokens: int = 16_384
+    """Tokens of the statistics prefix (layer scales and distances, hence the groups); kept in
+    memory; disjoint from the held-out and training tokens (the paper: 5M-10M)."""
+    eval_tokens: int = 1024
+    """Held-out tokens for evaluation, right after the statistics prefix."""
+    model_dtype: Precision = "float32"
+    """Model compute dtype for the forward (statistics, training stream, evaluation)."""
+    act_dtype: Precision = "bfloat16"
+    """Dtype activations are kept in, in the shuffle buffer and the cache."""
+    fwd_batch: int = 8
+    """Contexts per model forward."""
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    """Device for the model and the SAEs (default: cuda when available)."""
+    trust_remote_code: bool = False
+    """Let transformers run code shipped with --model (off unless you trust it)."""
+
+    def __post_init__(self):
+        _positive("ctx", self.ctx, 2)
+        _positive("stat_tokens", self.stat_tokens, self.ctx)
+        _positive("eval_tokens", self.eval_tokens, self.ctx)
+        _positive("fwd_batch", self.fwd_batch)
+
+    def text(self, seed: int) -> dict:
+        return {"dataset": self.dataset, "text_column": self.text_column, "seed": seed}
+
+
+@dataclass
+class GroupConfig:
+    """How layers are grouped (Ghilardi et al.: complete linkage, AMAD rule)."""
+
+    groups: str = "auto"
+    """auto (Ĝ by the AMAD rule), a number G, or explicit groups like '0-8;9-10;11-28'."""
+    threshold: float = 0.2
+    """AMAD threshold for --groups auto."""
+    contiguous: bool = False
+    """Only merge neighbouring layers."""
+    centre: bool = True
+    """Subtract each layer's mean before the cosine (the authors' code); --no-centre: raw."""
+    include_last: bool = False
+    """Cluster the last layer too instead of giving it its own SAE."""
+
+    def __post_init__(self):
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
+
+
+@dataclass
+class TrainConfig:
+    """Training budget and hyper-parameters (every SAE of every method sees the same batches)."""
+
+    tokens: int = 98_304
+    """Training tokens per SAE (one pass of the stream, sink positions excluded)."""
+    k: int = 32
+    """Latents active per token."""
+    expansion: int = 8
+    """Latents = expansion × model width."""
+    batch: int = 256
+    """Tokens per step."""
+    lr: float | None = None
+    """Learning rate; None: the paper's 2e-4 / sqrt(M / 2^14) for each SAE."""
+    dtype: Precision = "float32"
+    """SAE matmuls: float32, or bfloat16 over fp32 master weights and Adam state."""
+    seed: int = 0
+    """Seeds the document order, the shuffle buffer, the SAEs' initialisation and layer draws."""
+    dead_window: int = 0
+    """Tokens without a firing before a latent counts as dead; 0: min(10M, tokens / 5)."""
+    buffer_tokens: int = 32_768
+    """Shuffle-buffer size in tokens: each batch mixes the contexts of one buffer; refilled (one
+    half) when half consumed. Memory: tokens × layers × width × act-dtype bytes."""
+    baselines: str = "per-layer"
+    """Comma list of per-layer,even,smaller,single (or 'none')."""
+    from_cache: bool = False
+    """Harvest the training stream to the disk cache ($LGSAE_CACHE) first, or reuse it, then train
+    from it (for sweeps over the same activations); default: stream from the model."""
+    data_parallel: bool = False
+    """Under torchrun: replicate every SAE and split each batch over the ranks (default: spread
+    the SAEs over the ranks; data parallel anyway if there are fewer SAEs than ranks)."""
+
+    def __post_init__(self):
+        _positive("k", self.k)
+        _positive("expansion", self.expansion)
+        _positive("batch", self.batch, 2)  # FVU needs a variance
+        _positive("tokens", self.tokens, self.batch)
+        _positive("buffer_tokens", self.buffer_tokens, 2 * self.batch)
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        _positive("dead_window", self.dead_window, 0)
+
+    def sae_settings(self) -> dict:
+        """What the SAEs' training depends on (checked when a checkpoint is loaded)."""
+        return {k: getattr(self, k) for k in ("k", "expansion", "batch", "lr", "dtype", "seed",
+                                              "dead_window")}
+
+
+@dataclass
+class RunConfig:
+    """The run folder, checkpoints and logging."""
+
+    out: str = "runs/default"
+    """Run folder (run.json, groups.json, saes/, metrics.json, report.md, plots)."""
+    resume: bool = False
+    """Continue the run in --out from its checkpoint (bit-identical to an uninterrupted run)."""
+    overwrite: bool = False
+    """Delete --out first if it holds a run."""
+    checkpoint_minutes: float = 10.0
+    """Minutes between checkpoints (0: after every step); one more at the end of training."""
+    keep_checkpoint: bool = False
+    """Keep the last checkpoint after a finished run (default: delete it; the SAEs are saved)."""
+    progress: bool = True
+    """Progress bars."""
+    wandb: str | None = None
+    """Also log training to this Weights & Biases project (needs `pip install wandb`)."""
+
+
+# flags that may differ between a run and its resumption (they change nothing in the result)
+COSMETIC = ("resume", "overwrite", "checkpoint_minutes", "keep_checkpoint", "progress", "wandb")
+
+
+@dataclass
+class PipelineConfig:
+    """Train one TopK SAE per group of similar layers (and the baselines), evaluate them on
+    held-out tokens and write a report."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    groups: GroupConfig = field(default_factory=GroupConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def flags(self) -> dict:
+        """Every setting by flag name, as run.json records them."""
+        out = {}
+        for part in (self.data, self.groups, self.train, self.run):
+            out.update(vars(part))
+        return out
+
+
+@dataclass
+class GroupsConfig:
+    """Measure layer distances on a sample of the text and group similar layers."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(stat_tokens=20_480))
+    groups: GroupConfig = field(default_factory=GroupConfig)
+    out: str = "runs/groups"
+    """Folder for groups.json and the plots."""
+
+
+def parse(cls, argv: list[str] | None, prog: str):
+    """The dataclass `cls` filled from command-line flags (flat names: --tokens, --k, ...)."""
+    import tyro
+
+    return tyro.cli(cls, args=argv, prog=prog, config=(tyro.conf.OmitArgPrefixes,),
+                    description=cls.__doc__)

@@ -1,0 +1,86 @@
+"""Which SAEs a run trains: the groups and the paper's equal-cost baselines (Table 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lgsae.groups import even_partition, parse_layers
+
+METHODS = ("groups", "per-layer", "even", "smaller", "single")
+
+
+@dataclass
+class SAESpec:
+    """One SAE to train: which method it belongs to, the layers it serves, its width."""
+
+    name: str
+    method: str
+    layers: list[int]
+    num_latents: int
+
+
+def _name(method: str, group: list[int]) -> str:
+    span = f"L{group[0]:02d}" if len(group) == 1 else f"L{group[0]:02d}-L{group[-1]:02d}"
+    return f"{method}/{span}" if len(group) == len(range(group[0], group[-1] + 1)) \
+        else f"{method}/" + "_".join(f"L{v:02d}" for v in group)
+
+
+def plan_saes(groups: dict, partition: list[list[int]], methods: list[str], d: int,
+              expansion: int, k: int) -> list[SAESpec]:
+    """The SAEs of every method. `groups` is the groups.json dict; `partition` the chosen groups
+    of the grouped layers; the separate layers (the last one by default) get their own SAE in
+    every grouped method."""
+    M = expansion * d
+    separate = [[v] for v in groups["separate_layers"]]
+    every = [[v] for v in groups["layers"]]
+    G = len(partition)
+    partitions = {
+        "groups": partition + separate,
+        "per-layer": every,
+        "even": groups["even"]["groups"] + separate if G == groups["chosen_G"]
+        else _even(groups["grouped_layers"], G) + separate,
+        "smaller": every,
+        "single": [groups["grouped_layers"]] + separate,
+    }
+    # equal cost: L smaller SAEs hold as many latents in all as the G group SAEs (paper Table 1)
+    small = max(k, round(M * G / len(groups["grouped_layers"])))
+    specs = []
+    for method in methods:
+        width = small if method == "smaller" else M
+        specs += [SAESpec(_name(method, g), method, list(g), width) for g in partitions[method]]
+    return specs
+
+
+def _even(layers: list[int], G: int) -> list[list[int]]:
+    return even_partition(layers, G)
+
+
+def methods_from(text: str) -> list[str]:
+    """'groups' plus the baselines named in --baselines, in METHODS order."""
+    names = [] if text.strip() in ("", "none") else [t.strip() for t in text.split(",")]
+    bad = [n for n in names if n not in METHODS[1:]]
+    if bad:
+        raise ValueError(f"--baselines: unknown {bad}; choose from {', '.join(METHODS[1:])}")
+    return ["groups"] + [m for m in METHODS[1:] if m in names]
+
+
+def choose_partition(spec: str, groups: dict) -> list[list[int]]:
+    """The groups to train from --groups: auto, a number G, or explicit 'a-b;c,d;...'."""
+    parts = groups["partitions"]
+    if spec == "auto":
+        return parts[str(groups["chosen_G"])]["groups"]
+    if spec.isdigit():
+        if spec not in parts:
+            raise ValueError(f"--groups {spec}: choose G in 1..{len(parts)}")
+        return parts[spec]["groups"]
+    explicit = [parse_layers(g) or [] for g in spec.split(";")]
+    flat = sorted(v for g in explicit for v in g)
+    want = groups["grouped_layers"]
+    if flat != want:
+        unknown = sorted(set(flat) - set(groups["layers"]))
+        separate = sorted(set(flat) & set(groups["separate_layers"]))
+        raise ValueError(
+            f"--groups {spec!r} must split layers {want} into groups, each layer once"
+            + (f"; unknown layers {unknown}" if unknown else "")
+            + (f"; layers {separate} get their own SAE and are not grouped" if separate else ""))
+    return explicit

@@ -1,0 +1,238 @@
+"""The multi-SAE trainer: every SAE of a run (or this rank's share) on the same batches.
+
+The trainer takes batches {layer: [n, D]} from any iterator and knows nothing of where they come
+from (lgsae.sources, lgsae.buffer). A group SAE draws, for every token of a batch, one member layer
+at random, so it sees as many tokens per step as a single-layer SAE (DESIGN §1). Checkpoints:
+lgsae.checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from lgsae.config import TrainConfig
+from lgsae.dist import Dist
+from lgsae.plan import SAESpec
+from lgsae.sae import GroupSAE
+from lgsae.step import make_optimizer, train_step
+
+PAPER_DEAD_WINDOW = 10_000_000  # tokens without a firing before a latent counts as dead
+
+
+class Trainer:
+    """The SAEs of a run (or this rank's share of them), their optimizers, dead-latent counters
+    and timings; checkpointable.
+
+    `owned`: indices into `specs` that this process trains (default: all). Seeds follow the index
+    in `specs`, so an SAE comes out the same whichever rank trains it. `dist` with
+    `data_parallel=True`: every rank holds every owned SAE and trains on its 1/world of each
+    batch, with gradients, FVU denominators and dead-latent counters reduced over the ranks.
+    """
+
+    def __init__(self, specs: list[SAESpec], cfg: TrainConfig, model_name: str, *,
+                 d_model: int, scales: dict[int, float], total_tokens: int,
+                 device: str | torch.device = "cpu", owned: list[int] | None = None,
+                 dist: Dist | None = None, data_parallel: bool = False):
+        if not specs:
+            raise ValueError("no SAEs to train")
+        self.dist = dist or Dist(device=torch.device(device))
+        self.dp = data_parallel and self.dist.active
+        if self.dp and cfg.batch % self.dist.world:
+            raise ValueError(f"data parallel splits each batch over the ranks: --batch "
+                             f"{cfg.batch} must be a multiple of the world size {self.dist.world}")
+        self.index = list(range(len(specs))) if owned is None else list(owned)
+        known = set(scales)
+        for spec in specs:
+            bad = [v for v in spec.layers if v not in known]
+            if bad:
+                raise ValueError(f"{spec.name}: layers {bad} have no scale (known layers: "
+                                 f"{sorted(known)})")
+            if not 1 <= cfg.k <= spec.num_latents:
+                raise ValueError(f"{spec.name}: k={cfg.k} must be in [1, {spec.num_latents}] "
+                                 "(its number of latents); lower k or raise expansion")
+        self.specs = [specs[i] for i in self.index]
+        self.cfg, self.device, self.d_model = cfg, torch.device(device), d_model
+        # bf16: matmuls in bf16, parameters and Adam in fp32 (pure-bf16 parameters drift: at 49k
+        # tokens the default run's group FVU was 3.6 % worse than fp32, bench/bench_e2e.py)
+        compute = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+        self.saes = [
+            GroupSAE(d_model, k=cfg.k, num_latents=s.num_latents, layers=s.layers,
+                     scales=[scales[v] for v in s.layers], model=model_name,
+                     hookpoints=[f"layers.{v}" for v in s.layers], device=device,
+                     seed=cfg.seed * 1009 + g, compute_dtype=compute)
+            for g, s in zip(self.index, self.specs)
+        ]
+        self.opts = [make_optimizer(sae, cfg.lr) for sae in self.saes]
+        self.since_fire = [torch.zeros(s.num_latents, dtype=torch.int64) for s in self.specs]
+        self.seconds = [0.0] * len(self.specs)
+        self.step, self.tokens = 0, 0
+        self.layers = sorted({v for s in self.specs for v in s.layers})
+        self.total_steps = total_tokens // cfg.batch
+        total = self.total_steps * cfg.batch
+        self.dead_window = cfg.dead_window or max(cfg.batch, min(PAPER_DEAD_WINDOW, total // 5))
+
+    def _rows(self, n: int) -> slice:
+        """This rank's rows of a batch of n (all of them unless data parallel)."""
+        if not self.dp:
+            return slice(0, n)
+        part = n // self.dist.world
+        return slice(self.dist.rank * part, (self.dist.rank + 1) * part)
+
+    def _inputs(self, i: int, batch: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw activations for SAE i, one random member layer per token (seeded per step and
+        drawn for the whole batch, so a rank's rows get the picks one process would give them)."""
+        layers = self.specs[i].layers
+        n = next(iter(batch.values())).shape[0]
+        rows = self._rows(n)
+        if len(layers) == 1:
+            x = batch[layers[0]][rows]
+            return x, torch.full((x.shape[0],), layers[0])
+        g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + self.step * 131 + self.index[i])
+        pick = torch.randint(len(layers), (n,), generator=g)[rows]
+        stacked = torch.stack([batch[v][rows] for v in layers])  # [members, rows, D]
+        return stacked[pick, torch.arange(pick.shape[0])], torch.tensor(layers)[pick]
+
+    def _total_variances(self, inputs) -> list[torch.Tensor | None]:
+        """Data parallel: each SAE's FVU denominator over the whole batch, from every rank's
+        rows (two reductions: the mean, then the centred sum of squares)."""
+        if not self.dp:
+            return [None] * len(inputs)
+        xs = [sae.loss_input(x, layer) for sae, (x, layer) in zip(self.saes, inputs)]
+        sums = torch.stack([x.double().sum(0) for x in xs]).cpu()
+        counts = torch.tensor([float(x.shape[0]) for x in xs], dtype=torch.float64)
+        self.dist.all_reduce_many_([sums, counts])
+        means = sums / counts[:, None]
+        tv = torch.stack([(x - m.to(x.device, x.dtype)).double().pow(2).sum().cpu()
+                          for x, m in zip(xs, means)])
+        self.dist.all_reduce_(tv)
+        return [t.to(self.device, torch.float32) for t in tv]
+
+    def _sync_grads(self, sae: GroupSAE) -> None:
+        self.dist.all_reduce_many_([p.grad for p in sae.parameters()])
+
+    def train_batch(self, batch: dict[int, torch.Tensor]) -> dict[str, float]:
+        for v in self.layers:
+            if not bool(torch.isfinite(batch[v]).all()):
+                raise FloatingPointError(f"non-finite activations at layer {v} in step "
+                                         f"{self.step}; the model overflowed or the cache is "
+                                         "damaged: try --model-dtype float32 (or delete the "
+                                         "cache)")
+        n = next(iter(batch.values())).shape[0]
+        inputs = [(x.to(self.device), layer.to(self.device))
+                  for x, layer in (self._inputs(i, batch) for i in range(len(self.saes)))]
+        tvs = self._total_variances(inputs)
+        fvus, fired = [], []
+        for i, sae in enumerate(self.saes):
+            x, layer = inputs[i]
+            dead_mask = (self.since_fire[i] >= self.dead_window).to(self.device)
+            t0 = time.perf_counter()
+            out = train_step(sae, self.opts[i], x, layer=layer,
+                             dead_mask=dead_mask if bool(dead_mask.any()) else None,
+                             total_variance=tvs[i], grad_sync=self._sync_grads if self.dp
+                             else None)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[i] += time.perf_counter() - t0
+            f = torch.zeros(self.since_fire[i].shape, dtype=torch.uint8)
+            f[out.top_indices[out.top_acts > 0].cpu()] = 1
+            fired.append(f)
+            fvus.append(out.fvu.double().cpu())
+        fvu = torch.stack(fvus)
+        if self.dp:  # a latent fired if it fired on any rank; the FVU parts add up
+            self.dist.all_reduce_many_(fired, "max")
+            self.dist.all_reduce_(fvu)
+        dead = []
+        for i, f in enumerate(fired):
+            self.since_fire[i] += n
+            self.since_fire[i][f.bool()] = 0
+            dead.append(float((self.since_fire[i] >= self.dead_window).float().mean()))
+        self.step += 1
+        self.tokens += n
+        return {"fvu": float(fvu.mean()), "dead": 100 * sum(dead) / len(dead)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every tensor (SAE weights, Adam moments, dead counters) and the metadata a resume
+        checks; the stream position is the step (lgsae.buffer rebuilds the rest)."""
+        tensors = {}
+        for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
+            for name, p in sae.state_dict().items():
+                tensors[f"{i}.{name}"] = p
+            for j, st in opt.state_dict()["state"].items():
+                for key, t in st.items():
+                    tensors[f"{i}.adam.{j}.{key}"] = t
+            tensors[f"{i}.since_fire"] = self.since_fire[i]
+        meta = {"step": self.step, "tokens": self.tokens, "seconds": self.seconds,
+                "specs": [asdict(s) for s in self.specs], "config": asdict(self.cfg),
+                "index": self.index, "world": self.dist.world, "data_parallel": self.dp}
+        return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta.get("world", 1) != self.dist.world:
+            raise ValueError(f"the checkpoint was written by {meta.get('world', 1)} processes, "
+                             f"this run has {self.dist.world}: resume with the same "
+                             "`torchrun --nproc_per_node`")
+        if meta["specs"] != [asdict(s) for s in self.specs] or meta["config"] != asdict(self.cfg) \
+                or meta.get("index", self.index) != self.index \
+                or meta.get("data_parallel", False) != self.dp:
+            raise ValueError("the checkpoint was written by a run with other SAEs or settings; "
+                             "resume with the same flags, or start over with --overwrite")
+        for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
+            sae.load_state_dict({n: tensors[f"{i}.{n}"] for n in sae.state_dict()})
+            sd = opt.state_dict()
+            for j in sd["state"] or range(len(sd["param_groups"][0]["params"])):
+                prefix = f"{i}.adam.{j}."
+                st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if st:
+                    sd["state"][j] = st
+            opt.load_state_dict(sd)
+            self.since_fire[i] = tensors[f"{i}.since_fire"].clone()
+        self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], list(meta["seconds"])
+
+    def sae_stats(self) -> dict[int, dict]:
+        """{index in specs: {seconds, flops, dead_pct}} for the SAEs this process trained."""
+        return {g: {"seconds": self.seconds[i], "flops": self.flops(i),
+                    "dead_pct": self.dead_pct(i)} for i, g in enumerate(self.index)}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, batches: Iterable[dict[int, torch.Tensor]], checkpoints=None,
+            progress: bool = True, stop_after: int | None = None, log=None) -> None:
+        """Train on `batches` (which must start at batch `self.step`: after a loaded checkpoint,
+        the source is asked for that position, never replayed). `checkpoints`: an
+        lgsae.checkpoint.Checkpoints that saves when due and at the end. `log(dict, step=)`, if
+        given, receives the step's mean FVU, dead % and tokens/s (e.g. wandb's run.log)."""
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
+                   disable=not progress)
+        t0, done0 = time.perf_counter(), self.tokens
+        for batch in batches:
+            if self.step >= self.total_steps:
+                break
+            stats = self.train_batch(batch)
+            rate = (self.tokens - done0) / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{rate:.0f}", fvu=f"{stats['fvu']:.3f}",
+                            dead=f"{stats['dead']:.1f}%")
+            if log is not None:
+                log({"fvu": stats["fvu"], "dead_pct": stats["dead"], "tokens_per_s": rate},
+                    step=self.step)
+            if checkpoints is not None and checkpoints.due():
+                checkpoints.save(self)
+            if stop_after is not None and self.step >= stop_after:
+                break
+        bar.close()
+        if checkpoints is not None and checkpoints.saved_step != self.step:
+            checkpoints.save(self)  # at the end (unless this step was just saved)
+
+    def dead_pct(self, i: int) -> float:
+        return 100.0 * float((self.since_fire[i] >= self.dead_window).float().mean())
+
+    def flops(self, i: int) -> float:
+        """Work of SAE i's training so far: encoder GEMM + sparse decode/backward, per token."""
+        d, M, k = self.d_model, self.specs[i].num_latents, self.cfg.k
+        return float(self.tokens * (2 * d * M + 8 * k * d))
+
