@@ -122,14 +122,13 @@ class Forward:
         L, D = len(self.layers), self.d_model
         n_batches = -(-n_ctx // self.batch_size)
         per_rank = -(-n_batches // self.dist.world) * self.batch_size  # the largest share
-        bits = torch.int16 if self.store.itemsize == 2 else torch.int32  # exact transport
         buf = torch.zeros(per_rank * ctx, L, D, dtype=self.store)
         n_mine = 0 if part is None else part[self.layers[0]].shape[0]
         if part is not None:
             buf[:n_mine] = torch.stack([part[v] for v in self.layers], dim=1)
         counts = self.dist.gather(n_mine)
         dev = self.dist.device if self.dist.device.type == "cuda" else torch.device("cpu")
-        send = buf.view(bits).to(dev)
+        send = buf.view(torch.uint8).to(dev)  # raw bytes: exact, and gloo has no bf16
         recv = [torch.empty_like(send) for _ in range(self.dist.world)]
         torch.distributed.all_gather(recv, send,
                                      group=None if dev.type == "cuda" else self.dist.cpu_group)
