@@ -15,7 +15,7 @@ done once in a module fixture for (a), (b), (d), are timed there and reported in
 (`shared_harvest_s`, `grouping_s`), so both ways of counting are visible: `ratio_*_over_b`
 (training only for (a), (b)) and `ratio_*_over_b_incl_harvest` ((b) and (a) charged the shared
 harvest, (b) also the grouping). (b) runs first; (a) and (c) divide by it.
-FLOPs: SAE training = tokens·(2DM + 8KD) per SAE for the sparse step (lgsae.train.Trainer.flops),
+FLOPs: SAE training = tokens·(2DM + 8KD) per SAE for the sparse step (lgsae.trainer.Trainer.flops),
 tokens·12DM for the dense step (six GEMMs: encoder, decoder, and their backward incl. the input
 gradient that reaches b_dec; AuxK left out of both); harvest = 2·(parameters of the blocks
 run)·tokens. FVU: lgsae.evaluate.reconstruction_metrics on the held-out cache (harvested after the
@@ -30,6 +30,7 @@ Targets (issue 6): (a)/(b) >= 0.8·L/(Ĝ+1) (extra_info `target_a_over_b`); (c)/
 30 layers; (d)'s mean FVU within 1 % of (b)'s (`fvu_rel_to_fp32`).
 """
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -39,13 +40,16 @@ from types import SimpleNamespace
 import pytest
 from conftest import DEVICE, dense_forward, device_name, measured, scale
 
+from lgsae.buffer import ShuffleBuffer
+from lgsae.config import PipelineConfig, parse
 from lgsae.evaluate import reconstruction_metrics
 from lgsae.groups import compute_groups, parse_layers
 from lgsae.harvest import HarvestConfig, find_blocks, harvest
 from lgsae.models import DEFAULT_MODEL, load_model, load_tokenizer
-from lgsae.pipeline import parse_args
+from lgsae.plan import plan_saes
 from lgsae.similarity import layer_distances
-from lgsae.train import TrainConfig, Trainer, plan_saes
+from lgsae.sources import CacheSource, Layout
+from lgsae.trainer import Trainer
 
 # pipeline flags per scale; everything else is lgsae.train's default (ctx 256, fp32 model,
 # bf16 activation cache, the paper's lr). $LGSAE_BENCH_E2E_TOKENS overrides the token budget.
@@ -60,8 +64,10 @@ _DONE: dict[str, float] = {}  # provider -> timed seconds, for the ratios agains
 @pytest.fixture(scope="module")
 def suite():
     """Model, the shared training cache (timed), groups (timed) and the held-out cache."""
-    a = parse_args(FLAGS[scale()].split() + ["--device", str(DEVICE)])
-    a.tokens = int(os.environ.get("LGSAE_BENCH_E2E_TOKENS", a.tokens))
+    c = parse(PipelineConfig, FLAGS[scale()].split() + ["--device", str(DEVICE)], prog="bench")
+    c.train.tokens = int(os.environ.get("LGSAE_BENCH_E2E_TOKENS", c.train.tokens))
+    a = SimpleNamespace(**c.data.__dict__, **c.groups.__dict__, **c.train.__dict__,
+                        cache_dtype=c.data.act_dtype, train=c.train)
     model, tok = load_model(a.model, device=DEVICE), load_tokenizer(a.model)
     hk = dict(model=a.model, dataset=a.dataset, text_column=a.text_column, ctx=a.ctx,
               layers=parse_layers(a.layers), dtype=a.model_dtype, cache_dtype=a.cache_dtype,
@@ -87,16 +93,29 @@ def _harvest_flops(s, last: int, tokens: int) -> float:
     return 2.0 * sum(s.block_params[:last + 1]) * tokens
 
 
-def _cfg(s, dtype: str = "float32") -> TrainConfig:
-    a = s.a
-    return TrainConfig(k=a.k, expansion=a.expansion, batch=a.batch, lr=a.lr, dtype=dtype,
-                       seed=a.seed, checkpoint_every=0)
+def _cfg(s, dtype: str = "float32"):
+    return dataclasses.replace(s.a.train, dtype=dtype)
+
+
+def _fit(trainer: Trainer, cache, cfg) -> None:
+    """One pass over a finished cache through the shuffle buffer (one chunk = one shard)."""
+    lay = Layout(ctx=cache.manifest["ctx_len"], stat_contexts=0, eval_contexts=0,
+                 train_contexts=cache.n_tokens // cache.manifest["ctx_len"],
+                 chunk_contexts=cache.manifest["shard_contexts"])
+    trainer.fit(ShuffleBuffer(CacheSource(cache), lay, cfg.batch, cfg.seed).batches(),
+                progress=False)
+
+
+def _trainer(specs, cache, cfg) -> Trainer:
+    return Trainer(specs, cfg, DEFAULT_MODEL, d_model=cache.d_model, scales=cache.scales,
+                   total_tokens=cache.n_stat_tokens, device=DEVICE)
 
 
 def _train(s, method: str, dtype: str = "float32") -> Trainer:
     specs = plan_saes(s.groups, s.partition, [method], s.train.d_model, s.a.expansion, s.a.k)
-    trainer = Trainer(specs, s.train, _cfg(s, dtype), DEFAULT_MODEL, device=DEVICE)
-    trainer.fit(None, progress=False)
+    cfg = _cfg(s, dtype)
+    trainer = _trainer(specs, s.train, cfg)
+    _fit(trainer, s.train, cfg)
     return trainer
 
 
@@ -110,9 +129,9 @@ def _saelens_style(s) -> tuple[dict, float, float]:
         with tempfile.TemporaryDirectory(dir=s.root) as root:
             cache = harvest(HarvestConfig(tokens=s.a.tokens, **{**s.hk, "layers": [v]}),
                             root=root, **s.kw)
-            trainer = Trainer([spec], cache, _cfg(s), DEFAULT_MODEL, device=DEVICE)
+            trainer = _trainer([spec], cache, _cfg(s))
             trainer.saes[0].forward = dense_forward(trainer.saes[0])  # the engine swap
-            trainer.fit(None, progress=False)
+            _fit(trainer, cache, _cfg(s))
         saes[v] = trainer.saes[0]
         train_flops += 12.0 * trainer.tokens * cache.d_model * spec.num_latents
         harvest_flops += _harvest_flops(s, v, cache.n_tokens)

@@ -164,10 +164,12 @@ class InMemoryActivations:
         self.d_model = next(iter(acts.values())).shape[-1]
         self.n_tokens = ids.numel()
         self.n_stat_tokens = self.n_tokens - ids.shape[0] * SINK_POSITIONS
-        kept = {v: drop_sink(x, ctx).double() for v, x in acts.items()}
-        self._means = torch.stack([kept[v].mean(0) for v in self.layers])
-        self.scales = {v: 1.0 / float(torch.linalg.vector_norm(kept[v], dim=1).mean())
-                       for v in self.layers}
+        means, self.scales = [], {}
+        for v in self.layers:  # one layer in fp64 at a time
+            kept = drop_sink(acts[v], ctx).double()
+            means.append(kept.mean(0))
+            self.scales[v] = 1.0 / float(torch.linalg.vector_norm(kept, dim=1).mean())
+        self._means = torch.stack(means)
 
     @classmethod
     def collect(cls, forward: Forward, batches: Iterator[torch.Tensor], ctx: int
