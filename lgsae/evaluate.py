@@ -1,4 +1,4 @@
-"""Evaluate trained SAEs on held-out tokens: reconstruction from the activation cache, and the
+"""Evaluate trained SAEs on held-out tokens: reconstruction from the held-out activations, and the
 language-model cost of splicing each reconstruction into the model.
 
 Per (method, layer): FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over all held-out tokens, MSE per element
@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lgsae.harvest import SINK_POSITIONS, ActivationCache, find_blocks
+from lgsae.capture import SINK_POSITIONS, find_blocks
 from lgsae.sae import GroupSAE
 
 
-def reconstruction_metrics(saes: dict[str, dict[int, GroupSAE]], cache: ActivationCache
+def reconstruction_metrics(saes: dict[str, dict[int, GroupSAE]], cache
                            ) -> dict[str, dict[int, dict]]:
     """{method: {layer: {fvu, mse, explained_variance, l0}}} from the held-out cache."""
     means = cache.means()
@@ -111,7 +111,7 @@ def spliced_metrics(model, tokens: torch.Tensor, saes: dict[str, dict[int, Group
     return out
 
 
-def evaluate(saes: dict[str, dict[int, GroupSAE]], cache: ActivationCache, model,
+def evaluate(saes: dict[str, dict[int, GroupSAE]], cache, model,
              batch_size: int = 2, progress: bool = True) -> dict:
     """Per-layer metrics for every method, merged: {method: {layer: {...}}, 'clean_ce': float}."""
     rec = reconstruction_metrics(saes, cache)

@@ -1,6 +1,8 @@
 """Mean angular distance between layers: d(i, j) = E_token[arccos(cos(x_i, x_j)) / π].
 
-Streamed over the activation cache one shard at a time; within a shard, tokens go through in
+Streamed over activations one shard at a time (`cache`: lgsae.sources.InMemoryActivations, the
+statistics prefix, or a finished lgsae.harvest.ActivationCache: anything with layers, means() and
+iter_shards()); within a shard, tokens go through in
 chunks as a batched [chunk, L, D] × [chunk, D, L] product, so there is no Python loop over tokens
 or layer pairs. With `centre=True` (the default, as in the authors' code) each layer's mean
 activation over the whole harvest is subtracted first: without it the residual stream's large
@@ -13,8 +15,6 @@ import math
 
 import torch
 
-from lgsae.harvest import ActivationCache
-
 
 def angular_distance_chunk(x: torch.Tensor) -> torch.Tensor:
     """x: [T, L, D] (one row of L layer activations per token) -> [L, L] sum over tokens of
@@ -24,7 +24,7 @@ def angular_distance_chunk(x: torch.Tensor) -> torch.Tensor:
     return (torch.arccos(cos) / math.pi).sum(0)
 
 
-def layer_distances(cache: ActivationCache, layers: list[int] | None = None, *,
+def layer_distances(cache, layers: list[int] | None = None, *,
                     centre: bool = True, chunk: int = 1024) -> torch.Tensor:
     """[L, L] mean angular distance between the cache's layers (or `layers`), fp64, symmetric,
     zero diagonal."""
