@@ -51,7 +51,7 @@ def setting():
     layers = list(range(model.config.num_hidden_layers))
     fwd = Forward(model, layers, batch_size=FWD_BATCH, store=DTYPES[DTYPE], device=DEVICE)
     lay = make_layout(ctx=CTX, stat_tokens=STAT_TOKENS, eval_tokens=CTX, train_tokens=TOKENS,
-                      buffer_tokens=max(2 * BATCH, TOKENS // 4), fwd_batch=FWD_BATCH)
+                      buffer_tokens=max(2 * BATCH, TOKENS // 4), fwd_batch=FWD_BATCH, batch=BATCH)
     sample = InMemoryActivations.collect(
         fwd, context_batches(tok, TEXT, ctx=CTX, start=0, count=lay.stat_contexts, per=8), CTX)
     groups = compute_groups(layer_distances(sample), layers)
@@ -125,7 +125,8 @@ def test_stream_peak_rss(benchmark, setting, factor):
     s = setting
     tokens = TOKENS * factor
     lay = make_layout(ctx=CTX, stat_tokens=STAT_TOKENS, eval_tokens=CTX, train_tokens=tokens,
-                      buffer_tokens=2 * s["layout"].chunk_tokens(0), fwd_batch=FWD_BATCH)
+                      buffer_tokens=2 * s["layout"].chunk_tokens(0), fwd_batch=FWD_BATCH,
+                      batch=BATCH)
     out: dict = {}
 
     def run():

@@ -12,6 +12,8 @@ Why not Llama Scope's random survivors: there a token can stay for any number of
 rebuilding the buffer after a crash means replaying the stream from the start (or saving the
 buffer, gigabytes). Here the state at step s is a pure function of (seed, s, chunk sizes):
 `batches(start_step=s)` re-runs the forward for at most the two chunks of s's phase, one buffer.
+Phases are cut at batch boundaries (chunk c gives phase c about half its tokens, so that the
+phase ends on a whole batch; a chunk holds at least two batches), so no batch spans two phases.
 """
 
 from __future__ import annotations
@@ -25,21 +27,28 @@ from lgsae.sources import Layout
 
 def _perm(n: int, seed: int, kind: int, index: int) -> torch.Tensor:
     """A permutation of n fixed by (seed, kind, index): kind 0 = a chunk's, 1 = a phase's."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + kind) * 1_000_033 + index)
-    return torch.randperm(n, generator=g)
+    mixed = ((seed * 1_000_003 + kind) * 1_000_033 + index) % (2**63 - 1)  # any seed fits
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mixed))
 
 
 class ShuffleBuffer:
     """Batches {layer: [batch, D]} from a source's chunks (see the module docstring)."""
 
-    def __init__(self, source, layout: Layout, batch: int, seed: int):
+    def __init__(self, source, layout: Layout, batch: int, seed: int,
+                 steps: int | None = None):
         self.source, self.layout, self.batch, self.seed = source, layout, batch, seed
         n = [layout.chunk_tokens(c) for c in range(layout.n_chunks)]
-        self.first = [k // 2 for k in n]  # tokens of chunk c consumed in phase c
+        # tokens of chunk c consumed in phase c: about half, so that the phase ends on a batch
+        # boundary (no batch straddles two phases: resuming at any step needs two chunks)
+        self.first, before = [], 0
+        for k in n:
+            end = -(-(before + k // 2) // batch) * batch
+            self.first.append(min(max(end - before, 0), k))
+            before += k
         # phase p: the second half of chunk p-1 and the first half of chunk p
         self.phase_sizes = [(n[p - 1] - self.first[p - 1] if p else 0)
                             + (self.first[p] if p < len(n) else 0) for p in range(len(n) + 1)]
-        self.total_steps = sum(n) // batch
+        self.total_steps = sum(n) // batch if steps is None else min(steps, sum(n) // batch)
         self.chunks_loaded = 0  # chunks fetched from the source (tests count resume work)
 
     def _phase_order(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +83,11 @@ class ShuffleBuffer:
             held.pop(phase - 2, None)
             for c in range(max(phase - 1, 0), min(phase + 1, self.layout.n_chunks)):
                 if c not in held:
-                    held[c] = next(chunks)
+                    held[c] = next(chunks, None)
+                    got = None if held[c] is None else len(next(iter(held[c].values())))
+                    if got != self.layout.chunk_tokens(c):
+                        raise ValueError(f"the activation source gave {got} tokens for chunk {c}"
+                                         f", the layout expects {self.layout.chunk_tokens(c)}")
                     self.chunks_loaded += 1
             cid, rows = self._phase_order(phase)
             cid, rows = cid[pos:], rows[pos:]

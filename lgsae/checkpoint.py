@@ -12,6 +12,7 @@ previous checkpoint too, so that after a crash every rank still has the latest c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from lgsae.dist import Dist
 from lgsae.io import remove_stale, write_folder
+
+
+def _delete(folder: Path) -> None:
+    """Rename aside, then delete: a kill mid-way leaves a .tmp-* folder, never a half step."""
+    aside = folder.parent / f".tmp-del-{folder.name}"
+    os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class Checkpoints:
@@ -51,15 +59,17 @@ class Checkpoints:
 
         final = write_folder(self.folder / f"step_{trainer.step:06d}", fill)
         keep = 2 if self.dist.active else 1
-        for old in sorted(self.folder.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in self.steps()[:-keep]:
+            _delete(self.folder / f"step_{old:06d}")
         remove_stale(self.folder)
         self.last, self.saved_step = time.monotonic(), trainer.step
         return final
 
     def steps(self) -> list[int]:
-        found = sorted(self.folder.glob("step_*")) if self.folder.is_dir() else []
-        return [int(p.name[5:]) for p in found if (p / "state.json").is_file()]
+        """The complete checkpoints' steps, in numeric order (step_1000000 after step_999999)."""
+        found = self.folder.glob("step_*") if self.folder.is_dir() else []
+        return sorted(int(p.name[5:]) for p in found
+                      if (p / "state.json").is_file() and (p / "state.safetensors").is_file())
 
     def load(self, trainer) -> bool:
         """Restore the latest checkpoint (under torchrun: the latest every rank has). False if
@@ -80,7 +90,13 @@ class Checkpoints:
 
     def remove(self) -> None:
         """After a finished run: the SAEs are saved, the checkpoint is only disk."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        for step in self.steps():
+            _delete(self.folder / f"step_{step:06d}")
+        remove_stale(self.folder)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
         try:
             self.root.rmdir()  # when empty (under torchrun, the last rank out removes it)
         except OSError:

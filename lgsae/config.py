@@ -102,7 +102,9 @@ class TrainConfig:
     """Tokens without a firing before a latent counts as dead; 0: min(10M, tokens / 5)."""
     buffer_tokens: int = 32_768
     """Shuffle-buffer size in tokens: each batch mixes the contexts of one buffer; refilled (one
-    half) when half consumed. Memory: tokens × layers × width × act-dtype bytes."""
+    half) when half consumed. Each half is rounded to whole forward batches of contexts and holds
+    at least two batches (metrics.json's buffer_tokens is the size used). Memory: buffer tokens ×
+    layers × width × act-dtype bytes."""
     baselines: str = "per-layer"
     """Comma list of per-layer,even,smaller,single (or 'none')."""
     from_cache: bool = False

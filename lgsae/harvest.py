@@ -141,7 +141,8 @@ class ActivationCache:
         return load_file(path)
 
     def iter_shards(self, layers: Sequence[int] | None = None, verify: bool = True,
-                    skip_sink: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+                    skip_sink: bool = False, start: int = 0
+                    ) -> Iterator[dict[int, torch.Tensor]]:
         """Yield {layer: [tokens, D]} one shard at a time (memory: one shard of those layers);
         with `skip_sink`, without the first SINK_POSITIONS positions of each context."""
         layers = self.layers if layers is None else list(layers)
@@ -149,7 +150,7 @@ class ActivationCache:
         if missing:
             raise ValueError(f"layers {missing} are not in this cache (it has {self.layers})")
         ctx = self.manifest["ctx_len"]
-        for shard in self.manifest["shards"]:
+        for shard in self.manifest["shards"][start:]:
             out = {v: self._load(shard, f"L{v:03d}.safetensors", verify)["x"] for v in layers}
             if skip_sink:
                 keep = _kept_rows(next(iter(out.values())).shape[0], ctx)
@@ -277,7 +278,8 @@ def _write_shard(root: Path, s: int, ids: torch.Tensor, acts: dict[int, torch.Te
         if not ok:
             raise FloatingPointError(
                 f"non-finite activations at layer {v} (contexts {first_context}.."
-                f"{first_context + ids.shape[0] - 1}); try --dtype float32 or check the model")
+                f"{first_context + ids.shape[0] - 1}); try --model-dtype float32 or check the "
+                "model")
     name = f"shard_{s:05d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:

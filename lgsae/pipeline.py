@@ -19,8 +19,8 @@ training on its rows of each batch. Rank 0 prepares the folder and writes the sh
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import time
 from pathlib import Path
 
 from lgsae import dist as distributed
@@ -52,13 +52,17 @@ def prepare_out(c: PipelineConfig, world: int = 1) -> Path:
     flags = {k: v for k, v in c.flags().items() if k not in COSMETIC}
     flags["world_size"] = world
     if out.exists() and any(out.iterdir()):
-        if r.overwrite:
-            if not (out / "run.json").is_file():  # never rmtree a folder we did not create
-                raise FileExistsError(f"--overwrite: {out} is not an lgsae run folder (no "
-                                      "run.json); remove it yourself or choose another --out")
-            shutil.rmtree(out)
+        if (r.overwrite or r.resume) and not (out / "run.json").is_file():
+            # never delete or continue a folder we did not create
+            raise FileExistsError(f"--{'overwrite' if r.overwrite else 'resume'}: {out} is not "
+                                  "an lgsae run folder (no run.json); remove it yourself or "
+                                  "choose another --out")
+        if r.overwrite:  # renamed aside first: a kill mid-way leaves no half-deleted run
+            aside = out.parent / f".{out.name}.deleting-{os.getpid()}"
+            os.replace(out, aside)
+            shutil.rmtree(aside)
         elif r.resume:
-            old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+            old = json.loads((out / "run.json").read_text())
             old.setdefault("world_size", 1)
             if old.get("world_size") != world:
                 raise ValueError(f"--resume: {out} was run by {old['world_size']} process(es), "
@@ -134,7 +138,7 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     layers = check_layers(parse_layers(dc.layers), model.config.num_hidden_layers)
     layout = make_layout(ctx=dc.ctx, stat_tokens=dc.stat_tokens, eval_tokens=dc.eval_tokens,
                          train_tokens=tc.tokens, buffer_tokens=tc.buffer_tokens,
-                         fwd_batch=dc.fwd_batch)
+                         fwd_batch=dc.fwd_batch, batch=tc.batch)
     d.on_main(lambda: check_budget(c, tok, layout))
     out = d.on_main(lambda: prepare_out(c, d.world))
     forward = Forward(model, layers, batch_size=dc.fwd_batch, store=DTYPES[dc.act_dtype],
@@ -146,7 +150,6 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
                                per=layout.chunk_contexts)
 
     # 1. statistics prefix -> scales, distances, groups (every rank computes the same)
-    t0 = time.perf_counter()
     sample = InMemoryActivations.collect(forward, contexts(0, layout.stat_contexts), dc.ctx)
     groups = {"model": model_name,
               **compute_groups(layer_distances(sample, centre=c.groups.centre), layers,
@@ -155,7 +158,7 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
               "tokens": sample.n_tokens, "centre": c.groups.centre}
     scales, d_model = sample.scales, sample.d_model
     del sample
-    stat_seconds = time.perf_counter() - t0
+    stat_seconds = forward.seconds  # model forward over the prefix (this rank's share)
 
     def write_groups():
         write_json(out / "groups.json", groups)
@@ -176,8 +179,10 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     ckpt = Checkpoints(out / "checkpoints", c.run.checkpoint_minutes, d)
     if c.run.resume:
         ckpt.load(trainer)
-    buffer = ShuffleBuffer(source, layout, tc.batch, tc.seed)
+    buffer = ShuffleBuffer(source, layout, tc.batch, tc.seed, steps=trainer.total_steps)
+    before = forward.seconds
     trainer.fit(buffer.batches(trainer.step), ckpt, progress=progress, log=log)
+    stream_seconds = forward.seconds - before  # 0 when read from the cache
     if d.is_main or not data_parallel:  # replicas are identical: rank 0 saves them
         for spec, sae in zip(trainer.specs, trainer.saes):
             sae.save(out / "saes" / spec.name)
@@ -205,7 +210,8 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
             per_layer.setdefault(method, {}).update(rows)
     clean = [ce for ce in d.gather(results["clean_ce"]) if ce is not None][0]
     results = {"per_layer": per_layer, "clean_ce": clean}
-    forward_seconds = stat_seconds + sum(d.gather(forward.seconds)) / d.world
+    # the model forward the SAEs shared (statistics prefix + training stream, the slowest rank)
+    forward_seconds = max(d.gather(stat_seconds + stream_seconds))
 
     def report() -> dict:
         metrics = summarize(stats, specs, results, groups, forward_seconds,
@@ -237,7 +243,8 @@ def _source(c: PipelineConfig, forward: Forward, layout: Layout, tok, model, d):
                         tokens=layout.train_contexts * dc.ctx, ctx=dc.ctx, layers=forward.layers,
                         dtype=dc.model_dtype, cache_dtype=dc.act_dtype, seed=c.train.seed,
                         skip_contexts=layout.train_start,
-                        extra={"weights": weights_fingerprint(model), "fwd_batch": dc.fwd_batch})
+                        extra={"weights": weights_fingerprint(model), "fwd_batch": dc.fwd_batch,
+                               "chunk_contexts": layout.chunk_contexts})
     # rank 0 harvests (once; later runs reuse the cache), the others then open it
     cache = d.main_first(lambda: harvest(cfg, device=d.device, batch_size=dc.fwd_batch,
                                          model=model, tokenizer=tok,

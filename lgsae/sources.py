@@ -73,10 +73,13 @@ class Layout:
 
 
 def make_layout(*, ctx: int, stat_tokens: int, eval_tokens: int, train_tokens: int,
-                buffer_tokens: int, fwd_batch: int) -> Layout:
-    """Contexts for each part; a chunk is half the shuffle buffer, in whole forward batches."""
+                buffer_tokens: int, fwd_batch: int, batch: int) -> Layout:
+    """Contexts for each part; a chunk is half the shuffle buffer, in whole forward batches,
+    and holds at least two training batches (lgsae.buffer cuts its phases at batch
+    boundaries)."""
     per = ctx - SINK_POSITIONS
     chunk = max(1, round(buffer_tokens / 2 / per / fwd_batch)) * fwd_batch
+    chunk = max(chunk, -(-math.ceil(2 * batch / per) // fwd_batch) * fwd_batch)
     return Layout(ctx=ctx, stat_contexts=math.ceil(stat_tokens / ctx),
                   eval_contexts=math.ceil(eval_tokens / ctx),
                   train_contexts=math.ceil(train_tokens / per), chunk_contexts=chunk)
@@ -222,9 +225,7 @@ class CacheSource:
         self.cache = cache
 
     def chunks(self, start: int = 0) -> Iterator[dict[int, torch.Tensor]]:
-        for i, shard in enumerate(self.cache.iter_shards(skip_sink=True)):
-            if i >= start:
-                yield shard
+        yield from self.cache.iter_shards(skip_sink=True, start=start)
 
 
 def weights_fingerprint(model) -> str:

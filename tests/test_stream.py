@@ -55,20 +55,51 @@ def test_every_token_is_used_once_and_batches_mix_many_contexts():
     assert all((b[0][:, 0].sort().values.diff() == 1).float().mean() < 0.5 for b in batches)
 
 
-def test_resume_at_any_step_gives_the_same_batches_and_loads_at_most_one_buffer():
-    lay = layout(contexts=37, chunk=6)  # a short last chunk
-    ref = list(ShuffleBuffer(FakeSource(lay), lay, batch=24, seed=3).batches())
-    for s in (0, 1, 5, 11, len(ref) - 1):
+@pytest.mark.parametrize("contexts, chunk, ctx, batch", [
+    (37, 6, 17, 24),  # a short last chunk
+    (133, 8, 32, 128),  # chunks of 248 tokens: halves never fall on a batch boundary
+    (50, 3, 17, 24),  # chunks of 48 tokens, two batches each
+])
+def test_resume_at_any_step_gives_the_same_batches_and_loads_at_most_one_buffer(
+        contexts, chunk, ctx, batch):
+    lay = layout(contexts=contexts, chunk=chunk, ctx=ctx)
+    ref = list(ShuffleBuffer(FakeSource(lay), lay, batch=batch, seed=3).batches())
+    for s in range(len(ref)):
         src = FakeSource(lay)
-        buf = ShuffleBuffer(src, lay, batch=24, seed=3)
-        it = buf.batches(start_step=s)
-        first = next(it)
-        assert torch.equal(first[0], ref[s][0]), s
-        assert len(src.loaded) <= 2  # the two chunks of the phase: one buffer of forward work
-        rest = list(it)
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, ref[s + 1:]))
-        assert len(rest) == len(ref) - s - 1
-    assert list(ShuffleBuffer(FakeSource(lay), lay, 24, 3).batches(start_step=len(ref))) == []
+        it = ShuffleBuffer(src, lay, batch=batch, seed=3).batches(start_step=s)
+        assert torch.equal(next(it)[0], ref[s][0]), s
+        assert len(src.loaded) <= 2, s  # the two chunks of the phase: one buffer of forward
+        if s % 7 == 0:
+            rest = list(it)
+            assert len(rest) == len(ref) - s - 1
+            assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, ref[s + 1:]))
+    assert list(ShuffleBuffer(FakeSource(lay), lay, batch, 3).batches(start_step=len(ref))) == []
+
+
+def test_buffer_takes_any_seed_and_refuses_a_source_of_the_wrong_shape():
+    lay = layout()
+    assert next(ShuffleBuffer(FakeSource(lay), lay, 32, seed=2**40).batches())[0].shape == (32, 3)
+
+    class Short(FakeSource):
+        def chunks(self, start=0):
+            for c in super().chunks(start):
+                yield {v: x[:-1] for v, x in c.items()}
+
+    with pytest.raises(ValueError, match="gave 127 tokens for chunk 0, the layout expects 128"):
+        next(ShuffleBuffer(Short(lay), lay, 32, 0).batches())
+
+
+def test_checkpoints_are_found_in_numeric_order(tmp_path):
+    from lgsae.checkpoint import Checkpoints
+
+    ck = Checkpoints(tmp_path, minutes=0)
+    for step in (999_999, 1_000_000, 5):
+        (tmp_path / f"step_{step:06d}").mkdir()
+        for f in ("state.json", "state.safetensors"):
+            (tmp_path / f"step_{step:06d}" / f).write_text("x")
+    (tmp_path / "step_2000000").mkdir()  # killed mid-write: no tensors
+    (tmp_path / "step_2000000" / "state.json").write_text("x")
+    assert ck.steps() == [5, 999_999, 1_000_000]
 
 
 def test_another_seed_shuffles_differently():
@@ -132,6 +163,10 @@ def test_streamed_and_cached_runs_give_bit_identical_saes(tiny, monkeypatch):
     main(flags(tiny, root / "cached2", "--from-cache"))
     assert list((root / "cache" / "activations").iterdir()) == caches
     assert sae_bytes(root / "cached2") == b
+    # another buffer size cuts the stream into other chunks: a cache of its own, never the
+    # first one read with the wrong chunk boundaries
+    main(flags(tiny, root / "cached3", "--from-cache", "--buffer-tokens", "4096"))
+    assert len(list((root / "cache" / "activations").iterdir())) == 2
 
 
 _KILL = """
@@ -179,14 +214,15 @@ def test_resume_after_sigkill_is_bit_identical_and_redoes_at_most_one_buffer(
     assert sae_bytes(run) == sae_bytes(root / "streamed")
     # forward work of the resumed run: statistics + held-out + the rest of the stream + at
     # most one buffer (two chunks) re-done; the chunks before the kill are not replayed
-    ctx, per = 32, 31
-    chunk = max(1, round(512 / 2 / per / 8)) * 8  # contexts (lgsae.sources.make_layout)
-    train_ctx = -(-4096 // per)
-    done_ctx = die_at * 128 // per  # contexts fully consumed before the kill
+    from lgsae.sources import make_layout
+
+    lay = make_layout(ctx=32, stat_tokens=256, eval_tokens=64, train_tokens=4096,
+                      buffer_tokens=512, fwd_batch=8, batch=128)
+    done_ctx = die_at * 128 // lay.tokens_per_context  # contexts consumed before the kill
     redo = sum(int(n) for n in counts.read_text().split())
-    stat_eval = 256 // ctx + 64 // ctx
-    assert redo <= stat_eval + (train_ctx - done_ctx) + 2 * chunk
-    assert redo < stat_eval + train_ctx  # less than replaying the stream
+    assert redo <= lay.train_start + (lay.train_contexts - done_ctx) + 2 * lay.chunk_contexts
+    if done_ctx > 2 * lay.chunk_contexts:  # killed past the first buffer: less than a replay
+        assert redo < lay.train_start + lay.train_contexts
     assert not (run / "checkpoints").exists()
 
 
@@ -241,7 +277,7 @@ def test_memory_and_disk_do_not_grow_with_tokens(tmp_path):
                 "--eval-tokens", "64", "--stat-tokens", "512", "--ctx", "64", "--batch", "512",
                 "--buffer-tokens", "2048", "--expansion", "1", "--k", "4", "--act-dtype",
                 "float32", "--baselines", "none", "--out", str(out), "--no-progress",
-                "--checkpoint-minutes", "0.001"]
+                "--checkpoint-minutes", "0", "--keep-checkpoint"]  # the checkpoint is measured
         proc = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True,
                               text=True, env={**os.environ, "LGSAE_CACHE": str(tmp_path / "c")})
         assert proc.returncode == 0, proc.stderr[-2000:]
