@@ -35,8 +35,7 @@ class DataConfig:
     layers: str = "all"
     """Blocks to train SAEs for: all, 0-29, 0,2,4."""
     stat_tokens: int = 16_384
-    """Tokens of the statistics prefix (layer scales and distances, hence the groups); kept in
-    memory; disjoint from the held-out and training tokens (the paper: 5M-10M)."""
+    """Tokens for layer scales and distances (hence the groups), kept in memory (paper: 5M-10M)."""
     eval_tokens: int = 1024
     """Held-out tokens for evaluation, right after the statistics prefix."""
     model_dtype: Precision = "float32"
@@ -82,7 +81,10 @@ class GroupConfig:
 
 @dataclass
 class TrainConfig:
-    """Training budget and hyper-parameters (every SAE of every method sees the same batches)."""
+    """Training budget and hyper-parameters (every SAE of every method sees the same batches).
+
+    The shuffle buffer's halves are rounded to whole forward batches of contexts and hold at least
+    two batches each; metrics.json's buffer_tokens is the size used."""
 
     tokens: int = 98_304
     """Training tokens per SAE (one pass of the stream, sink positions excluded)."""
@@ -101,18 +103,13 @@ class TrainConfig:
     dead_window: int = 0
     """Tokens without a firing before a latent counts as dead; 0: min(10M, tokens / 5)."""
     buffer_tokens: int = 32_768
-    """Shuffle-buffer size in tokens: each batch mixes the contexts of one buffer; refilled (one
-    half) when half consumed. Each half is rounded to whole forward batches of contexts and holds
-    at least two batches (metrics.json's buffer_tokens is the size used). Memory: buffer tokens ×
-    layers × width × act-dtype bytes."""
+    """Shuffle buffer: a batch mixes its contexts; memory tokens × layers × width × act-dtype."""
     baselines: str = "per-layer"
     """Comma list of per-layer,even,smaller,single (or 'none')."""
     from_cache: bool = False
-    """Harvest the training stream to the disk cache ($LGSAE_CACHE) first, or reuse it, then train
-    from it (for sweeps over the same activations); default: stream from the model."""
+    """Harvest the training stream to the disk cache ($LGSAE_CACHE) or reuse it, then train."""
     data_parallel: bool = False
-    """Under torchrun: replicate every SAE and split each batch over the ranks (default: spread
-    the SAEs over the ranks; data parallel anyway if there are fewer SAEs than ranks)."""
+    """Under torchrun: every rank trains every SAE on its rows (default: SAEs spread over ranks)."""
 
     def __post_init__(self):
         _positive("k", self.k)
@@ -156,8 +153,7 @@ COSMETIC = ("resume", "overwrite", "checkpoint_minutes", "keep_checkpoint", "pro
 
 @dataclass
 class PipelineConfig:
-    """Train one TopK SAE per group of similar layers (and the baselines), evaluate them on
-    held-out tokens and write a report."""
+    """Train one TopK SAE per group of similar layers (and baselines), evaluate, report."""
 
     data: DataConfig = field(default_factory=DataConfig)
     groups: GroupConfig = field(default_factory=GroupConfig)
