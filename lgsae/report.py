@@ -69,7 +69,8 @@ def write_report(out: Path, metrics: dict, groups: dict) -> Path:
 ## Results
 
 Held-out evaluation on {metrics['tokens_eval']:,} tokens after one pass over
-{metrics['tokens_train']:,} training tokens; means over layers excluding the last; clean CE
+{metrics['tokens_train']:,} training tokens{_source(metrics)}; means over layers excluding the
+last; clean CE
 {metrics['clean_ce']:.3f} nats/token. Ĝ = {metrics['chosen_G']} by the AMAD rule
 (threshold {groups['threshold']}); trained groups: {groups_line}.
 
@@ -95,6 +96,15 @@ FLOPs count each SAE's training work (encoder GEMM plus the sparse decode and ba
 """
     path = out / "report.md"
     return write_atomic(path, text)
+
+
+def _source(metrics: dict) -> str:
+    """Where the training tokens came from, for the report's first sentence."""
+    if "source" not in metrics:
+        return ""
+    how = "streamed from the model" if metrics["source"] == "stream" else "read from the cache"
+    return (f" ({how} through a {metrics['buffer_tokens']:,}-token shuffle buffer; groups and"
+            f" scales from a separate {metrics['stat_tokens']:,}-token prefix)")
 
 
 def _plot_per_layer(out: Path, metrics: dict) -> Path:

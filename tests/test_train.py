@@ -77,6 +77,7 @@ def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
         assert sae.layers and sae.model_name == tiny["model"]
     table = (run / "report.md").read_text()
     assert "| groups |" in table and "Pythia-160M" in table
+    assert "streamed from the model through a" in " ".join(table.split())
 
 
 def test_saved_sae_reproduces_its_reconstruction(tmp_path):
