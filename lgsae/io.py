@@ -13,6 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def _publish(tmp: str | Path, folder: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give them the mode a plain open()/mkdir() would
+    have (readable by others under the usual umask), so a shared run folder stays shareable."""
+    os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it into place."""
     path = Path(path)
@@ -23,6 +35,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        _publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,6 +55,7 @@ def save_with(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path
     os.close(fd)
     try:
         writer(Path(tmp))
+        _publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,6 +71,7 @@ def write_folder(dest: str | os.PathLike, writer: Callable[[Path], object]) -> P
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}."))
     try:
         writer(tmp)
+        _publish(tmp, folder=True)
         if dest.exists():
             aside = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-old-{dest.name}."))
             os.replace(dest, aside / dest.name)
