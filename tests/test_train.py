@@ -1,6 +1,7 @@
 """Training pipeline: end to end on a tiny model, save/load, resume after SIGKILL, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,10 @@ def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
         assert 0 < m["fvu"] < 1.5 and 0 < m["l0"] <= 4
     assert on_disk["methods"]["per-layer"]["n_saes"] == 5
     assert on_disk["methods"]["single"]["n_saes"] == 2  # layers 0..3 together, 4 alone
+    umask = os.umask(0)
+    os.umask(umask)
     for f in ("metrics.json", "report.md", "per_layer.png", "run.json"):  # not mkstemp's 0600
-        assert (run / f).stat().st_mode & 0o044 == 0o044, f
+        assert (run / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
     saes = sorted(p.parent for p in (run / "saes").rglob("cfg.json"))
     n = sum(m["n_saes"] for m in on_disk["methods"].values())
     assert len(saes) == n
