@@ -44,6 +44,7 @@ from lgsae.capture import (  # noqa: F401  (re-exported: older imports)
     forward_layers,
 )
 from lgsae.data import iter_contexts
+from lgsae.io import write_json
 from lgsae.models import cache_dir, load_model, load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -81,13 +82,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 class ActivationCache:
@@ -212,7 +206,7 @@ def harvest(cfg: HarvestConfig, *, device: str | torch.device = "cpu", batch_siz
                     "text": cfg.dataset or "default", "ctx_len": cfg.ctx, "dtype": cfg.dtype,
                     "cache_dtype": str(store).removeprefix("torch."), "layers": layers,
                     "d_model": d, "shard_contexts": per, "complete": False}
-        _write_json_atomic(root / MANIFEST, manifest)
+        write_json(root / MANIFEST, manifest)
     per = manifest["shard_contexts"]
     # each finished shard carries its own record (shard.json, renamed into place with the shard),
     # so progress costs one small file per shard instead of rewriting a growing manifest
@@ -252,7 +246,7 @@ def harvest(cfg: HarvestConfig, *, device: str | torch.device = "cpu", batch_siz
     stat_tokens = n_tokens - done * SINK_POSITIONS
     manifest.update(shards=shards, n_tokens=n_tokens, seconds=[sh["seconds"] for sh in shards],
                     mean_norm=(norms / stat_tokens).tolist(), complete=True)
-    _write_json_atomic(root / MANIFEST, manifest)
+    write_json(root / MANIFEST, manifest)
     return ActivationCache(root)
 
 
