@@ -1,6 +1,6 @@
 """Training checkpoints: time-based, the latest only, atomic, removed after a finished run.
 
-A checkpoint is `checkpoints/step_NNNNNN/{state.safetensors, state.json}` (under torchrun,
+A checkpoint is `checkpoints/step_NNNNNN/{sae_NNN.safetensors..., state.json}` (under torchrun,
 `checkpoints/rank<r>/...` per rank): SAE weights, Adam moments, dead-latent counters and the step.
 The step is the stream position: lgsae.buffer rebuilds the shuffle buffer for it by re-running the
 forward over at most one buffer of tokens, so nothing else needs saving. Written through
@@ -52,9 +52,16 @@ class Checkpoints:
 
     def save(self, trainer) -> Path:
         tensors, meta = trainer.state()
+        # one file per SAE: safetensors serialises a whole file in memory first, so one file of
+        # every SAE's weights and Adam moments would double the run's peak memory for a moment
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            parts.setdefault(f"sae_{int(key.split('.', 1)[0]):03d}.safetensors", {})[key] = t
+        meta = {**meta, "files": sorted(parts)}
 
         def fill(tmp: Path) -> None:
-            save_file(tensors, tmp / "state.safetensors")
+            for name, part in parts.items():
+                save_file(part, tmp / name)
             (tmp / "state.json").write_text(json.dumps(meta))
 
         final = write_folder(self.folder / f"step_{trainer.step:06d}", fill)
@@ -68,8 +75,7 @@ class Checkpoints:
     def steps(self) -> list[int]:
         """The complete checkpoints' steps, in numeric order (step_1000000 after step_999999)."""
         found = self.folder.glob("step_*") if self.folder.is_dir() else []
-        return sorted(int(p.name[5:]) for p in found
-                      if (p / "state.json").is_file() and (p / "state.safetensors").is_file())
+        return sorted(int(p.name[5:]) for p in found if (p / "state.json").is_file())
 
     def load(self, trainer) -> bool:
         """Restore the latest checkpoint (under torchrun: the latest every rank has). False if
@@ -83,8 +89,11 @@ class Checkpoints:
         if not steps:
             return False
         latest = self.folder / f"step_{steps[-1]:06d}"
-        trainer.load_state(load_file(latest / "state.safetensors"),
-                           json.loads((latest / "state.json").read_text()))
+        meta = json.loads((latest / "state.json").read_text())
+        tensors: dict[str, torch.Tensor] = {}
+        for name in meta.get("files", ["state.safetensors"]):  # (one file before 2026-12)
+            tensors.update(load_file(latest / name))
+        trainer.load_state(tensors, meta)
         self.saved_step = trainer.step
         return True
 

@@ -95,10 +95,8 @@ def test_checkpoints_are_found_in_numeric_order(tmp_path):
     ck = Checkpoints(tmp_path, minutes=0)
     for step in (999_999, 1_000_000, 5):
         (tmp_path / f"step_{step:06d}").mkdir()
-        for f in ("state.json", "state.safetensors"):
-            (tmp_path / f"step_{step:06d}" / f).write_text("x")
-    (tmp_path / "step_2000000").mkdir()  # killed mid-write: no tensors
-    (tmp_path / "step_2000000" / "state.json").write_text("x")
+        (tmp_path / f"step_{step:06d}" / "state.json").write_text("x")
+    (tmp_path / "step_2000000").mkdir()  # no state.json: not a checkpoint
     assert ck.steps() == [5, 999_999, 1_000_000]
 
 
