@@ -182,7 +182,9 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     buffer = ShuffleBuffer(source, layout, tc.batch, tc.seed, steps=trainer.total_steps)
     before = forward.seconds
     trainer.fit(buffer.batches(trainer.step), ckpt, progress=progress, log=log)
-    stream_seconds = forward.seconds - before  # 0 when read from the cache
+    stream_seconds = forward.seconds - before
+    if isinstance(source, CacheSource):  # the harvest's forward, as recorded when it ran
+        stream_seconds += source.cache.harvest_seconds
     if d.is_main or not data_parallel:  # replicas are identical: rank 0 saves them
         for spec, sae in zip(trainer.specs, trainer.saes):
             sae.save(out / "saes" / spec.name)
