@@ -27,20 +27,14 @@ def _publish(tmp: str | Path, folder: bool = False) -> None:
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return save_with(path, write)
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> Path:
