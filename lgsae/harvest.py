@@ -40,6 +40,7 @@ from lgsae.capture import (  # noqa: F401  (re-exported: older imports)
     SINK_POSITIONS,
     LayerCapture,
     check_layers,
+    drop_sink,
     find_blocks,
     forward_layers,
 )
@@ -146,9 +147,8 @@ class ActivationCache:
         ctx = self.manifest["ctx_len"]
         for shard in self.manifest["shards"][start:]:
             out = {v: self._load(shard, f"L{v:03d}.safetensors", verify)["x"] for v in layers}
-            if skip_sink:
-                keep = _kept_rows(next(iter(out.values())).shape[0], ctx)
-                out = {v: x[keep] for v, x in out.items()}
+            if skip_sink:  # the stream's own sink removal: the same rows, the same order
+                out = {v: drop_sink(x, ctx) for v, x in out.items()}
             yield out
 
     def means(self) -> torch.Tensor:

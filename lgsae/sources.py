@@ -102,9 +102,9 @@ class Forward:
 
     def __call__(self, ids: torch.Tensor) -> dict[int, torch.Tensor]:
         """{layer: [contexts * ctx, D]} (CPU, `store` dtype) for ids [contexts, ctx]."""
-        starts = list(range(0, ids.shape[0], self.batch_size))
         if not self.dist.active:
             return self._run(ids)
+        starts = list(range(0, ids.shape[0], self.batch_size))
         # rank r runs a contiguous run of the forward batches; the pieces are all-gathered
         mine = torch.tensor_split(torch.tensor(starts), self.dist.world)[self.dist.rank].tolist()
         lo = mine[0] if mine else ids.shape[0]
