@@ -32,7 +32,8 @@ def _perm(n: int, seed: int, kind: int, index: int) -> torch.Tensor:
 
 
 class ShuffleBuffer:
-    """Batches {layer: [batch, D]} from a source's chunks (see the module docstring)."""
+    """Batches {layer: [batch, D]} (and the source's KEEP mask, [batch] bool, when it gives one)
+    from a source's chunks (see the module docstring)."""
 
     def __init__(self, source, layout: Layout, batch: int, seed: int,
                  steps: int | None = None):
@@ -106,11 +107,11 @@ class ShuffleBuffer:
 
 def _gather(held: dict[int, dict[int, torch.Tensor]], cid: torch.Tensor, rows: torch.Tensor
             ) -> dict[int, torch.Tensor]:
-    layers = next(iter(held.values())).keys()
+    keys = next(iter(held.values())).keys()  # the layers and the KEEP mask
     out = {}
-    for v in layers:
+    for v in keys:
         ref = next(iter(held.values()))[v]
-        x = torch.empty(cid.numel(), ref.shape[1], dtype=ref.dtype)
+        x = torch.empty(cid.numel(), *ref.shape[1:], dtype=ref.dtype)
         for c in cid.unique().tolist():
             sel = cid == c
             x[sel] = held[c][v][rows[sel]]

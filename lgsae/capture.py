@@ -18,6 +18,10 @@ import torch
 # scales, FVU and the SAE loss. It is stored in the cache, but statistics, training and FVU skip it
 # (the stream drops it at once), and the evaluation splices reconstructions at the other positions.
 SINK_POSITIONS = 1
+# Special tokens (BOS/EOS/pad and the tokenizer's other special ids) inside packed contexts carry
+# norms like the sink's (SmolLM2's document separators); their positions are left out the same way.
+KEEP = "keep"  # key of a chunk's or batch's [rows] bool mask of kept positions, beside the layers
+OUTLIER_FACTOR = 50.0  # a kept position whose norm exceeds this x the layer median is reported
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,6 +101,32 @@ def forward_layers(cap: LayerCapture, ids: torch.Tensor, batch_size: int, device
         for v in cap.layers:
             parts[v].append(out[v].reshape(-1, out[v].shape[-1]).to(store).cpu())
     return {v: torch.cat(p) for v, p in parts.items()}
+
+
+def special_ids(tokenizer) -> list[int]:
+    """Ids whose positions are left out like the sink: BOS, EOS, pad and the tokenizer's other
+    special tokens (all_special_ids), except the unknown token (ordinary text maps to it)."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        i = getattr(tokenizer, name, None)
+        if isinstance(i, int):
+            ids.add(i)
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
+    return sorted(ids)
+
+
+def kept_positions(ids: torch.Tensor, special: Sequence[int]) -> torch.Tensor:
+    """[contexts, ctx] bool: the positions statistics, training and FVU use (not the sink, not a
+    special token)."""
+    keep = ~torch.isin(ids, torch.tensor(list(special), dtype=ids.dtype)) if special \
+        else torch.ones_like(ids, dtype=torch.bool)
+    keep[:, :SINK_POSITIONS] = False
+    return keep
+
+
+def kept_rows(ids: torch.Tensor, special: Sequence[int]) -> torch.Tensor:
+    """[contexts * (ctx - SINK_POSITIONS)] bool over the rows `drop_sink` leaves."""
+    return kept_positions(ids, special)[:, SINK_POSITIONS:].reshape(-1)
 
 
 def drop_sink(x: torch.Tensor, ctx: int) -> torch.Tensor:

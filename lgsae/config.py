@@ -36,8 +36,8 @@ class DataConfig:
     """Blocks to train SAEs for: all, 0-29, 0,2,4."""
     stat_tokens: int = 16_384
     """Tokens for layer scales and distances (hence the groups), kept in memory (paper: 5M-10M)."""
-    eval_tokens: int = 1024
-    """Held-out tokens for evaluation, right after the statistics prefix."""
+    eval_tokens: int = 8192
+    """Held-out tokens for evaluation (32 contexts of 256: error bars over contexts)."""
     model_dtype: Precision = "float32"
     """Model compute dtype for the forward (statistics, training stream, evaluation)."""
     act_dtype: Precision = "bfloat16"
@@ -101,7 +101,7 @@ class TrainConfig:
     seed: int = 0
     """Seeds the document order, the shuffle buffer, the SAEs' initialisation and layer draws."""
     dead_window: int = 0
-    """Tokens without a firing before a latent counts as dead; 0: min(10M, tokens / 5)."""
+    """Tokens with no firing until a latent is dead (x a group's layers); 0: min(10M, tokens/5)."""
     buffer_tokens: int = 32_768
     """Shuffle buffer: a batch mixes its contexts; memory tokens × layers × width × act-dtype."""
     baselines: str = "per-layer"

@@ -200,7 +200,7 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 def main(argv: list[str] | None = None) -> dict:
     """`python -m lgsae.groups`: the statistics stage of `python -m lgsae.train` alone."""
-    from lgsae.capture import DTYPES, check_layers
+    from lgsae.capture import DTYPES, check_layers, special_ids
     from lgsae.config import GroupsConfig, parse
     from lgsae.models import DEFAULT_MODEL, is_default, load_model, load_tokenizer
     from lgsae.similarity import layer_distances
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_ctx = -(-dc.stat_tokens // dc.ctx)
     sample = InMemoryActivations.collect(
         forward, context_batches(tok, dc.text(0), ctx=dc.ctx, start=0, count=n_ctx,
-                                 per=dc.fwd_batch), dc.ctx)
+                                 per=dc.fwd_batch), dc.ctx, special_ids(tok))
     dist = layer_distances(sample, centre=gc.centre)
     result = {"model": DEFAULT_MODEL if is_default(dc.model) else dc.model,
               **compute_groups(dist, layers, threshold=gc.threshold,

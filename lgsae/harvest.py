@@ -159,8 +159,12 @@ class ActivationCache:
 
     def tokens(self) -> torch.Tensor:
         """[contexts, ctx] token ids of the harvest, in order."""
-        return torch.cat([self._load(s, "tokens.safetensors", True)["ids"]
-                          for s in self.manifest["shards"]])
+        return torch.cat(list(self.iter_tokens()))
+
+    def iter_tokens(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """[shard contexts, ctx] token ids, one shard at a time from shard `start`."""
+        for s in self.manifest["shards"][start:]:
+            yield self._load(s, "tokens.safetensors", True)["ids"]
 
 
 def _kept_rows(n_rows: int, ctx: int) -> torch.Tensor:

@@ -23,9 +23,11 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from lgsae import dist as distributed
 from lgsae.buffer import ShuffleBuffer
-from lgsae.capture import DTYPES, check_layers
+from lgsae.capture import DTYPES, check_layers, special_ids
 from lgsae.checkpoint import Checkpoints
 from lgsae.config import COSMETIC, PipelineConfig
 from lgsae.data import count_contexts
@@ -124,6 +126,7 @@ def _wandb_logger(c: PipelineConfig, start: bool = True):
 def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     from lgsae.evaluate import evaluate
     from lgsae.report import summarize, write_report
+    from lgsae.stats import summarize_eval
 
     distributed.check_same(d, "flags", c.flags())
     dc, tc = c.data, c.train
@@ -144,19 +147,26 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     forward = Forward(model, layers, batch_size=dc.fwd_batch, store=DTYPES[dc.act_dtype],
                       device=d.device, dist=d)
     text = dc.text(tc.seed)
+    special = special_ids(tok)  # their positions are left out like the sink (lgsae.capture)
 
     def contexts(start: int, count: int):
         return context_batches(tok, text, ctx=dc.ctx, start=start, count=count,
                                per=layout.chunk_contexts)
 
     # 1. statistics prefix -> scales, distances, groups (every rank computes the same)
-    sample = InMemoryActivations.collect(forward, contexts(0, layout.stat_contexts), dc.ctx)
+    sample = InMemoryActivations.collect(forward, contexts(0, layout.stat_contexts), dc.ctx,
+                                         special)
     groups = {"model": model_name,
               **compute_groups(layer_distances(sample, centre=c.groups.centre), layers,
                                threshold=c.groups.threshold, contiguous=c.groups.contiguous,
                                exclude_last=not c.groups.include_last),
               "tokens": sample.n_tokens, "centre": c.groups.centre}
     scales, d_model = sample.scales, sample.d_model
+    stat_means = {v: m.float() for v, m in zip(sample.layers, sample.means())}
+    medians, outliers = sample.medians, sample.outliers
+    if outliers and d.is_main:
+        print(f"lgsae: {len(outliers)} kept position(s) of the statistics prefix have a norm over "
+              f"50x their layer's median (see metrics.json 'outliers'); first: {outliers[0]}")
     del sample
     stat_seconds = forward.seconds  # model forward over the prefix (this rank's share)
 
@@ -175,7 +185,7 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     trainer = Trainer(specs, tc, model_name, d_model=d_model, scales=scales,
                       total_tokens=tc.tokens, device=d.device, owned=owned, dist=d,
                       data_parallel=data_parallel)
-    source = _source(c, forward, layout, tok, model, d)
+    source = _source(c, forward, layout, tok, model, d, special)
     ckpt = Checkpoints(out / "checkpoints", c.run.checkpoint_minutes, d)
     if c.run.resume:
         ckpt.load(trainer)
@@ -190,8 +200,6 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
             sae.save(out / "saes" / spec.name)
 
     # 3. held-out evaluation: each rank its own SAEs (data parallel: a share of the replicas)
-    held_out = InMemoryActivations.collect(
-        forward, contexts(layout.stat_contexts, layout.eval_contexts), dc.ctx)
     mine = list(range(len(trainer.specs)))
     if data_parallel:
         mine = distributed.balance([len(s.layers) for s in trainer.specs], d.world)[d.rank]
@@ -199,30 +207,31 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     for i in mine:
         for v in trainer.specs[i].layers:
             by_method.setdefault(trainer.specs[i].method, {})[v] = trainer.saes[i]
-    results = evaluate(by_method, held_out, model, progress=progress) if by_method \
-        else {"per_layer": {}, "clean_ce": None}
+    tally = evaluate(by_method, model, contexts(layout.stat_contexts, layout.eval_contexts),
+                     special=special, means=stat_means, medians=medians, progress=progress,
+                     n_contexts=layout.eval_contexts) if by_method else None
     stats = {}
     for part in d.gather(trainer.sae_stats()):
         for i, st in part.items():  # data parallel: the slowest rank's seconds
             stats[i] = st if i not in stats else {**st, "seconds": max(st["seconds"],
                                                                        stats[i]["seconds"])}
-    per_layer: dict[str, dict[int, dict]] = {}
-    for part in d.gather(results["per_layer"]):
-        for method, rows in part.items():
-            per_layer.setdefault(method, {}).update(rows)
-    clean = [ce for ce in d.gather(results["clean_ce"]) if ce is not None][0]
-    results = {"per_layer": per_layer, "clean_ce": clean}
+    tally = merge_tallies([t for t in d.gather(tally) if t is not None])
     # the model forward the SAEs shared (statistics prefix + training stream, the slowest rank)
     forward_seconds = max(d.gather(stat_seconds + stream_seconds))
 
     def report() -> dict:
-        metrics = summarize(stats, specs, results, groups, forward_seconds,
-                            eval_tokens=held_out.n_tokens, partition=partition,
-                            tokens_train=trainer.tokens, dead_window=trainer.dead_window)
+        ev = summarize_eval(tally, d_model, last=max(groups["layers"]))
+        spread = _spread(tally, specs, out)
+        for row in outliers + tally["outliers"]:
+            row["token"] = tok.decode([row["token_id"]])
+        metrics = summarize(stats, specs, ev, tally, groups, forward_seconds,
+                            partition=partition, tokens_train=trainer.tokens,
+                            dead_window=trainer.dead_window, spread=spread,
+                            outliers=outliers + tally["outliers"], special=special)
         metrics.update(processes=d.world, source="cache" if tc.from_cache else "stream",
                        parallel="data" if data_parallel else ("saes" if d.active else "none"),
                        buffer_tokens=2 * layout.chunk_contexts * layout.tokens_per_context,
-                       stat_tokens=groups["tokens"])
+                       stat_tokens=groups["tokens"], tokens_train_kept=trainer.kept)
         write_json(out / "metrics.json", metrics)
         write_report(out, metrics, groups)
         print((out / "report.md").read_text().split("\n## ")[1])
@@ -234,9 +243,49 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     return metrics
 
 
-def _source(c: PipelineConfig, forward: Forward, layout: Layout, tok, model, d):
+def merge_tallies(parts: list[dict]) -> dict:
+    """One evaluation tally from every rank's (each holds its own SAEs' rows; the clean and
+    ablation sums of a layer are the same on every rank that evaluated it)."""
+    out = {**parts[0], "sae": {}, "ablation": {}, "outliers": []}
+    seen = set()
+    for t in parts:
+        for method, rows in t["sae"].items():
+            out["sae"].setdefault(method, {}).update(rows)
+        for v, ab in t["ablation"].items():
+            out["ablation"].setdefault(v, ab)
+        for row in t["outliers"]:
+            key = (row["layer"], row["context"], row["position"])
+            if key not in seen:
+                seen.add(key)
+                out["outliers"].append(row)
+        out["seconds"] = max(out["seconds"], t["seconds"])
+    return out
+
+
+def _spread(tally: dict, specs, out: Path) -> dict:
+    """Feature spread of every multi-layer SAE (lgsae.stats.spread) and, where per-layer SAEs
+    were trained, MMCS of each member layer's per-layer SAE against it (weights read back from
+    the run folder: under torchrun another rank may have trained them)."""
+    from lgsae.sae import GroupSAE
+    from lgsae.stats import mmcs, spread
+
+    per_layer = {s.layers[0]: s.name for s in specs if s.method == "per-layer"}
+    result = {}
+    for spec in specs:
+        if len(spec.layers) < 2:
+            continue
+        counts = torch.stack([tally["sae"][spec.method][v]["fires"] for v in spec.layers])
+        result[spec.name] = row = spread(counts, spec.layers)
+        if per_layer:
+            W = GroupSAE.load(out / "saes" / spec.name).W_dec.detach()
+            row["mmcs"] = {str(v): mmcs(GroupSAE.load(out / "saes" / per_layer[v]).W_dec.detach(),
+                                        W) for v in spec.layers if v in per_layer}
+    return result
+
+
+def _source(c: PipelineConfig, forward: Forward, layout: Layout, tok, model, d, special):
     if not c.train.from_cache:
-        return StreamSource(forward, layout, tok, c.data.text(c.train.seed))
+        return StreamSource(forward, layout, tok, c.data.text(c.train.seed), special)
     from lgsae.harvest import HarvestConfig, harvest
     from lgsae.sources import weights_fingerprint
 
@@ -252,4 +301,4 @@ def _source(c: PipelineConfig, forward: Forward, layout: Layout, tok, model, d):
                                          model=model, tokenizer=tok,
                                          progress=c.run.progress and d.is_main,
                                          shard_contexts=layout.chunk_contexts))
-    return CacheSource(cache)
+    return CacheSource(cache, special)

@@ -24,12 +24,21 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from lgsae.capture import SINK_POSITIONS, LayerCapture, drop_sink, forward_layers
+from lgsae.capture import (
+    KEEP,
+    OUTLIER_FACTOR,
+    SINK_POSITIONS,
+    LayerCapture,
+    drop_sink,
+    forward_layers,
+    kept_positions,
+    kept_rows,
+)
 from lgsae.data import iter_contexts
 from lgsae.dist import Dist
 
@@ -157,75 +166,105 @@ def context_batches(tokenizer, text: dict, *, ctx: int, start: int, count: int,
 
 
 class InMemoryActivations:
-    """A bounded sample (the statistics prefix or the held-out set) kept in memory, with the
-    read interface of lgsae.harvest.ActivationCache (layers, scales, means, iter_shards, tokens),
-    so lgsae.similarity and lgsae.evaluate take either."""
+    """A bounded sample (the statistics prefix) kept in memory, with the read interface of
+    lgsae.harvest.ActivationCache (layers, scales, means, iter_shards, tokens), so
+    lgsae.similarity takes either. Statistics use the kept positions only (not the sink, not a
+    special token: lgsae.capture.kept_positions); `outliers` lists the kept positions whose norm
+    exceeds OUTLIER_FACTOR x their layer's median, and `medians` the median norms."""
 
-    def __init__(self, ids: torch.Tensor, acts: dict[int, torch.Tensor], ctx: int):
+    def __init__(self, ids: torch.Tensor, acts: dict[int, torch.Tensor], ctx: int,
+                 special: Sequence[int] = ()):
         self.ids, self.acts, self.ctx = ids, acts, ctx
         self.layers = sorted(acts)
         self.d_model = next(iter(acts.values())).shape[-1]
         self.n_tokens = ids.numel()
-        self.n_stat_tokens = self.n_tokens - ids.shape[0] * SINK_POSITIONS
-        means, self.scales = [], {}
+        self.keep = kept_rows(ids, special)
+        self.n_stat_tokens = int(self.keep.sum())
+        means, self.scales, self.medians = [], {}, {}
+        at = kept_positions(ids, special).nonzero()  # (context, position), drop_sink order
+        self.outliers: list[dict] = []
         for v in self.layers:  # one layer in fp64 at a time
-            kept = drop_sink(acts[v], ctx).double()
+            kept = drop_sink(acts[v], ctx)[self.keep].double()
+            norms = torch.linalg.vector_norm(kept, dim=1)
             means.append(kept.mean(0))
-            self.scales[v] = 1.0 / float(torch.linalg.vector_norm(kept, dim=1).mean())
+            self.scales[v] = 1.0 / float(norms.mean())
+            self.medians[v] = float(norms.median())
+            self.outliers += outlier_rows(norms, self.medians[v], at, ids, v, "statistics")
         self._means = torch.stack(means)
 
     @classmethod
-    def collect(cls, forward: Forward, batches: Iterator[torch.Tensor], ctx: int
-                ) -> InMemoryActivations:
+    def collect(cls, forward: Forward, batches: Iterator[torch.Tensor], ctx: int,
+                special: Sequence[int] = ()) -> InMemoryActivations:
         ids, parts = [], {v: [] for v in forward.layers}
         for b in batches:
             ids.append(b)
             for v, x in forward(b).items():
                 parts[v].append(x)
-        return cls(torch.cat(ids), {v: torch.cat(p) for v, p in parts.items()}, ctx)
+        return cls(torch.cat(ids), {v: torch.cat(p) for v, p in parts.items()}, ctx, special)
 
     def means(self) -> torch.Tensor:
-        """[L, D] fp64 mean activation per layer (sink excluded)."""
+        """[L, D] fp64 mean activation per layer (kept positions)."""
         return self._means
 
     def iter_shards(self, layers=None, verify: bool = True, skip_sink: bool = False):
+        """{layer: [tokens, D]}; with `skip_sink`, the kept positions only."""
         layers = self.layers if layers is None else list(layers)
         missing = [v for v in layers if v not in self.acts]
         if missing:
             raise ValueError(f"layers {missing} are not in this sample (it has {self.layers})")
-        yield {v: drop_sink(self.acts[v], self.ctx) if skip_sink else self.acts[v]
+        yield {v: drop_sink(self.acts[v], self.ctx)[self.keep] if skip_sink else self.acts[v]
                for v in layers}
 
     def tokens(self) -> torch.Tensor:
         return self.ids
 
 
+def outlier_rows(norms: torch.Tensor, median: float, at: torch.Tensor, ids: torch.Tensor,
+                 layer: int, where: str) -> list[dict]:
+    """The rows whose norm exceeds OUTLIER_FACTOR x `median` (`at`: [rows, 2] their context and
+    position), as {where, layer, context, position, token_id, norm, ratio}."""
+    out = []
+    for j in torch.nonzero(norms > OUTLIER_FACTOR * median).squeeze(1).tolist():
+        c, pos = (int(i) for i in at[j])
+        out.append({"where": where, "layer": layer, "context": c, "position": pos,
+                    "token_id": int(ids[c, pos]), "norm": round(float(norms[j]), 1),
+                    "ratio": round(float(norms[j]) / median, 1)})
+    return out
+
+
 class StreamSource:
     """Training chunks straight from the model forward; nothing is written."""
 
-    def __init__(self, forward: Forward, layout: Layout, tokenizer, text: dict):
+    def __init__(self, forward: Forward, layout: Layout, tokenizer, text: dict,
+                 special: Sequence[int] = ()):
         self.forward, self.layout, self.tokenizer, self.text = forward, layout, tokenizer, text
+        self.special = list(special)
 
-    def chunks(self, start: int = 0) -> Iterator[dict[int, torch.Tensor]]:
-        """{layer: [chunk tokens, D]} for chunks start, start+1, ... (sink rows dropped)."""
+    def chunks(self, start: int = 0) -> Iterator[dict]:
+        """{layer: [chunk tokens, D], KEEP: [chunk tokens] bool} for chunks start, start+1, ...
+        (sink rows dropped; KEEP marks the rows that are not special tokens)."""
         lay = self.layout
         ids = context_batches(self.tokenizer, self.text, ctx=lay.ctx,
                               start=lay.train_start + start * lay.chunk_contexts,
                               count=lay.train_contexts - start * lay.chunk_contexts,
                               per=lay.chunk_contexts)
         for b in ids:
-            yield {v: drop_sink(x, lay.ctx) for v, x in self.forward(b).items()}
+            out = {v: drop_sink(x, lay.ctx) for v, x in self.forward(b).items()}
+            yield {**out, KEEP: kept_rows(b, self.special)}
 
 
 class CacheSource:
     """The training stream harvested once to disk (lgsae.harvest, one shard per chunk), then
     read back; a second run with the same key reuses it."""
 
-    def __init__(self, cache):
-        self.cache = cache
+    def __init__(self, cache, special: Sequence[int] = ()):
+        self.cache, self.special = cache, list(special)
 
-    def chunks(self, start: int = 0) -> Iterator[dict[int, torch.Tensor]]:
-        yield from self.cache.iter_shards(skip_sink=True, start=start)
+    def chunks(self, start: int = 0) -> Iterator[dict]:
+        """As StreamSource.chunks, read back from the cache."""
+        ids = self.cache.iter_tokens(start=start)
+        for shard in self.cache.iter_shards(skip_sink=True, start=start):
+            yield {**shard, KEEP: kept_rows(next(ids), self.special)}
 
 
 def weights_fingerprint(model) -> str:

@@ -15,6 +15,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
+from lgsae.capture import KEEP
 from lgsae.config import TrainConfig
 from lgsae.dist import Dist
 from lgsae.plan import SAESpec
@@ -70,11 +71,15 @@ class Trainer:
         self.opts = [make_optimizer(sae, cfg.lr) for sae in self.saes]
         self.since_fire = [torch.zeros(s.num_latents, dtype=torch.int64) for s in self.specs]
         self.seconds = [0.0] * len(self.specs)
-        self.step, self.tokens = 0, 0
+        self.step, self.tokens, self.kept = 0, 0, 0  # stream positions, of which trained on
         self.layers = sorted({v for s in self.specs for v in s.layers})
         self.total_steps = total_tokens // cfg.batch
         total = self.total_steps * cfg.batch
         self.dead_window = cfg.dead_window or max(cfg.batch, min(PAPER_DEAD_WINDOW, total // 5))
+        # A group SAE's latent sees each member layer on 1/|g| of its tokens: its window is
+        # |g| times longer, so a latent that fires on one member layer as often as a healthy
+        # per-layer latent does is not flagged dead (and pushed by AuxK) |g| times sooner.
+        self.windows = [self.dead_window * len(s.layers) for s in self.specs]
 
     def _rows(self, n: int) -> slice:
         """This rank's rows of a batch of n (all of them unless data parallel)."""
@@ -83,19 +88,26 @@ class Trainer:
         part = n // self.dist.world
         return slice(self.dist.rank * part, (self.dist.rank + 1) * part)
 
-    def _inputs(self, i: int, batch: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, i: int, batch: dict[int, torch.Tensor], keep: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw activations for SAE i, one random member layer per token (seeded per step and
-        drawn for the whole batch, so a rank's rows get the picks one process would give them)."""
+        drawn for the whole batch, so a rank's rows get the picks one process would give them),
+        without the rows `keep` marks False (special-token positions)."""
         layers = self.specs[i].layers
-        n = next(iter(batch.values())).shape[0]
+        n = batch[layers[0]].shape[0]
         rows = self._rows(n)
         if len(layers) == 1:
-            x = batch[layers[0]][rows]
-            return x, torch.full((x.shape[0],), layers[0])
-        g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + self.step * 131 + self.index[i])
-        pick = torch.randint(len(layers), (n,), generator=g)[rows]
-        stacked = torch.stack([batch[v][rows] for v in layers])  # [members, rows, D]
-        return stacked[pick, torch.arange(pick.shape[0])], torch.tensor(layers)[pick]
+            x, layer = batch[layers[0]][rows], torch.full((len(range(n)[rows]),), layers[0])
+        else:
+            g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + self.step * 131
+                                              + self.index[i])
+            pick = torch.randint(len(layers), (n,), generator=g)[rows]
+            stacked = torch.stack([batch[v][rows] for v in layers])  # [members, rows, D]
+            x, layer = stacked[pick, torch.arange(pick.shape[0])], torch.tensor(layers)[pick]
+        if keep is None:
+            return x, layer
+        k = keep[rows]
+        return x[k], layer[k]
 
     def _total_variances(self, inputs) -> list[torch.Tensor | None]:
         """Data parallel: each SAE's FVU denominator over the whole batch, from every rank's
@@ -122,14 +134,16 @@ class Trainer:
                                          f"{self.step}; the model overflowed or the cache is "
                                          "damaged: try --model-dtype float32 (or delete the "
                                          "cache)")
-        n = next(iter(batch.values())).shape[0]
+        keep = batch.get(KEEP)
+        n = batch[self.layers[0]].shape[0]
+        kept = n if keep is None else int(keep.sum())  # not special-token positions
         inputs = [(x.to(self.device), layer.to(self.device))
-                  for x, layer in (self._inputs(i, batch) for i in range(len(self.saes)))]
+                  for x, layer in (self._inputs(i, batch, keep) for i in range(len(self.saes)))]
         tvs = self._total_variances(inputs)
         fvus, fired = [], []
         for i, sae in enumerate(self.saes):
             x, layer = inputs[i]
-            dead_mask = (self.since_fire[i] >= self.dead_window).to(self.device)
+            dead_mask = self.dead_latents(i).to(self.device)
             t0 = time.perf_counter()
             out = train_step(sae, self.opts[i], x, layer=layer,
                              dead_mask=dead_mask if bool(dead_mask.any()) else None,
@@ -148,11 +162,11 @@ class Trainer:
             self.dist.all_reduce_(fvu)
         dead = []
         for i, f in enumerate(fired):
-            self.since_fire[i] += n
-            self.since_fire[i][f.bool()] = 0
-            dead.append(float((self.since_fire[i] >= self.dead_window).float().mean()))
+            self.count_fires(i, f.bool(), kept)
+            dead.append(float(self.dead_latents(i).float().mean()))
         self.step += 1
         self.tokens += n
+        self.kept += kept
         return {"fvu": float(fvu.mean()), "dead": 100 * sum(dead) / len(dead)}
 
     # ------------------------------------------------------------------ checkpoints
@@ -167,7 +181,8 @@ class Trainer:
                 for key, t in st.items():
                     tensors[f"{i}.adam.{j}.{key}"] = t
             tensors[f"{i}.since_fire"] = self.since_fire[i]
-        meta = {"step": self.step, "tokens": self.tokens, "seconds": self.seconds,
+        meta = {"step": self.step, "tokens": self.tokens, "kept": self.kept,
+                "seconds": self.seconds,
                 "specs": [asdict(s) for s in self.specs], "config": asdict(self.cfg),
                 "index": self.index, "world": self.dist.world, "data_parallel": self.dp}
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
@@ -193,11 +208,13 @@ class Trainer:
             opt.load_state_dict(sd)
             self.since_fire[i] = tensors[f"{i}.since_fire"].clone()
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], list(meta["seconds"])
+        self.kept = meta.get("kept", self.tokens)
 
     def sae_stats(self) -> dict[int, dict]:
         """{index in specs: {seconds, flops, dead_pct}} for the SAEs this process trained."""
         return {g: {"seconds": self.seconds[i], "flops": self.flops(i),
-                    "dead_pct": self.dead_pct(i)} for i, g in enumerate(self.index)}
+                    "dead_pct": self.dead_pct(i), "dead_window": self.windows[i]}
+                for i, g in enumerate(self.index)}
 
     # ------------------------------------------------------------------ the loop
     def fit(self, batches: Iterable[dict[int, torch.Tensor]], checkpoints=None,
@@ -228,11 +245,20 @@ class Trainer:
         if checkpoints is not None and checkpoints.saved_step != self.step:
             checkpoints.save(self)  # at the end (unless this step was just saved)
 
+    def count_fires(self, i: int, fired: torch.Tensor, tokens: int) -> None:
+        """After a step of `tokens` kept tokens in which SAE i's latents `fired` ([M] bool)."""
+        self.since_fire[i] += tokens
+        self.since_fire[i][fired] = 0
+
+    def dead_latents(self, i: int) -> torch.Tensor:
+        """[M] bool: SAE i's latents without a firing in its window (dead_window x |g|)."""
+        return self.since_fire[i] >= self.windows[i]
+
     def dead_pct(self, i: int) -> float:
-        return 100.0 * float((self.since_fire[i] >= self.dead_window).float().mean())
+        return 100.0 * float(self.dead_latents(i).float().mean())
 
     def flops(self, i: int) -> float:
         """Work of SAE i's training so far: encoder GEMM + sparse decode/backward, per token."""
         d, M, k = self.d_model, self.specs[i].num_latents, self.cfg.k
-        return float(self.tokens * (2 * d * M + 8 * k * d))
+        return float(self.kept * (2 * d * M + 8 * k * d))
 

@@ -74,16 +74,25 @@ def write_texts(path, n_docs: int = 40):
     return str(path)
 
 
-def tiny_model_dir(path, arch: str = "llama", n_layers: int = 4):
+def tiny_model_dir(path, arch: str = "llama", n_layers: int = 4, bos: bool = False):
     """A saved tiny model with a word-level tokenizer over WORDS: loadable by name like a real
-    HF folder (lgsae.models.load_model / load_tokenizer)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    HF folder (lgsae.models.load_model / load_tokenizer). bos: the tokenizer puts <s> (id
+    len(WORDS) + 2) before every document, as Llama-3's and Gemma's do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"</s>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    extra = {}
+    if bos:
+        vocab["<s>"] = len(vocab)
+        extra["bos_token"] = "<s>"
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="[UNK]")
+    if bos:
+        core.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="[UNK]",
+                                  **extra)
     tiny_model(arch, n_layers).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

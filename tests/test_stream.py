@@ -119,7 +119,7 @@ def test_group_layer_draws_are_uniform_over_the_members():
     for step in range(4):
         t.step = step
         batch = {v: torch.full((4096, 4), float(v)) for v in (0, 1, 2)}
-        x, layer = t._inputs(0, batch)
+        x, layer = t._inputs(0, batch, None)
         assert torch.equal(x[:, 0], layer.float())  # each row comes from the layer it names
         counts += torch.bincount(layer, minlength=3)
     share = counts / counts.sum()
