@@ -104,22 +104,23 @@ def forward_layers(cap: LayerCapture, ids: torch.Tensor, batch_size: int, device
 
 
 def special_ids(tokenizer) -> list[int]:
-    """Ids whose positions are left out like the sink: BOS, EOS, pad and the tokenizer's other
-    special tokens (all_special_ids), except the unknown token (ordinary text maps to it)."""
+    """Ids whose positions are left out like the sink: BOS, EOS and pad, and the tokenizer's other
+    special tokens (all_special_ids) except a separate unknown token (ordinary text maps to it;
+    where unk is also BOS/EOS, as GPT-2's and Pythia's <|endoftext|>, it stays out)."""
     ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         i = getattr(tokenizer, name, None)
         if isinstance(i, int):
             ids.add(i)
-    ids.discard(getattr(tokenizer, "unk_token_id", None))
     return sorted(ids)
 
 
 def kept_positions(ids: torch.Tensor, special: Sequence[int]) -> torch.Tensor:
     """[contexts, ctx] bool: the positions statistics, training and FVU use (not the sink, not a
     special token)."""
-    keep = ~torch.isin(ids, torch.tensor(list(special), dtype=ids.dtype)) if special \
-        else torch.ones_like(ids, dtype=torch.bool)
+    keep = ~torch.isin(ids, torch.tensor(list(special), dtype=ids.dtype, device=ids.device)) \
+        if special else torch.ones_like(ids, dtype=torch.bool)
     keep[:, :SINK_POSITIONS] = False
     return keep
 

@@ -56,8 +56,8 @@ class Splicer:
         def hook(i):
             def keep(module, args, output):
                 self.forms[i] = len(output) if isinstance(output, tuple) else 0
-                if i in wanted:
-                    out[i] = output[0] if isinstance(output, tuple) else output
+                if i in wanted:  # a copy: a later block may add to its input in place
+                    out[i] = (output[0] if isinstance(output, tuple) else output).clone()
             return keep
 
         handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(self.blocks)]
@@ -100,18 +100,20 @@ def _per_context(values: torch.Tensor, row_ctx: torch.Tensor, n_ctx: int) -> tor
 
 
 def reconstruction_sums(sae: GroupSAE, x: torch.Tensor, layer: int, row_ctx: torch.Tensor,
-                        n_ctx: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, object]:
+                        n_ctx: int, centre: torch.Tensor | None = None
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor, object]:
     """Per-context sums of one SAE on rows x [N, D] of `layer` (raw), in the SAE's scaled space:
     sse, s1 (Σx, [C, D]), s2 (Σ‖x‖²), n, l0 and ev (Σ of SAELens's per-token explained variance
-    1 − ‖x − x̂‖² / ‖x − mean(x)‖², the mean over these rows); plus the firing count of every
-    latent [M] and the forward's output."""
+    1 − ‖x − x̂‖² / ‖x − x̄‖², x̄ = `centre` (raw; the statistics prefix's mean) or else these
+    rows' mean); plus the firing count of every latent [M] and the forward's output."""
     with torch.no_grad():
         out = sae(x.to(sae.device), layer=layer)
     s = float(sae.scale_for(layer, 1))
     xs = x.double().to(sae.device) * s
     err = xs - out.recon.double() * s
     e2 = err.pow(2).sum(1)
-    t2 = (xs - xs.mean(0)).pow(2).sum(1)
+    xbar = xs.mean(0) if centre is None else centre.to(xs.device, torch.float64) * s
+    t2 = (xs - xbar).pow(2).sum(1)
     fired = out.top_acts > 0
     rows = {"sse": e2, "s1": xs, "s2": xs.pow(2).sum(1), "n": torch.ones_like(e2),
             "l0": fired.sum(1).double(), "ev": 1 - e2 / t2}
@@ -122,8 +124,9 @@ def reconstruction_sums(sae: GroupSAE, x: torch.Tensor, layer: int, row_ctx: tor
 
 def reconstruction_metrics(saes: dict[str, dict[int, GroupSAE]], sample
                            ) -> dict[str, dict[int, dict]]:
-    """{method: {layer: {fvu, mse, explained_variance, l0}}} over all rows of a cache-like
-    sample's kept positions (`iter_shards(skip_sink=True)`), without error bars (benchmarks)."""
+    """{method: {layer: {fvu, mse, explained_variance, l0}}} over the rows a cache-like sample's
+    `iter_shards(skip_sink=True)` yields (an InMemoryActivations: the kept positions; an
+    ActivationCache: all but the sink), without error bars (benchmarks)."""
     from lgsae.stats import layer_point_metrics
 
     layers = sorted({v for per in saes.values() for v in per})
@@ -145,11 +148,35 @@ def reconstruction_metrics(saes: dict[str, dict[int, GroupSAE]], sample
     return out
 
 
-def _ce_per_context(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ over next-token targets of −log p, log p [B, T-1, V]) per context."""
-    logp = F.log_softmax(logits[:, :-1].float(), -1)
-    ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1).sum(1)
-    return ce.double().cpu(), logp
+_T_CHUNK = 64  # positions per log-softmax slice: temporaries stay small beside the logits
+
+
+def _ce_kl(logits: torch.Tensor, ids: torch.Tensor, clean: tuple | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per context [B] (fp64, CPU): Σ over next-token targets of −log p, and with `clean` =
+    (log p, p) of the clean model, Σ KL(clean ‖ this) (None without)."""
+    B, T = ids.shape
+    ce = torch.zeros(B, dtype=torch.float64)
+    kl = torch.zeros(B, dtype=torch.float64) if clean is not None else None
+    for t in range(0, T - 1, _T_CHUNK):
+        end = min(t + _T_CHUNK, T - 1)
+        lp = F.log_softmax(_upcast(logits[:, t:end]), -1)
+        ce -= lp.gather(-1, ids[:, t + 1:end + 1, None]).squeeze(-1).double().sum(1).cpu()
+        if clean is not None:
+            lpc, pc = clean[0][:, t:end], clean[1][:, t:end]
+            term = torch.where(pc > 0, pc * (lpc - lp), torch.zeros((), device=lp.device))
+            kl += term.sum(-1).double().sum(1).cpu()
+    return ce, kl
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 logits are upcast; an fp64 model stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _vocab(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
 @torch.no_grad()
@@ -178,7 +205,7 @@ def evaluate(saes: dict[str, dict[int, GroupSAE]], model, batches: Iterable[torc
     bar = tqdm(total=None if n_contexts is None else n_contexts * passes, desc="evaluate",
                unit="fwd", disable=not progress)
     for ids_all in batches:
-        per = max(1, _LOGIT_ELEMENTS // (ids_all.shape[1] * model.config.vocab_size))
+        per = max(1, _LOGIT_ELEMENTS // (ids_all.shape[1] * _vocab(model)))
         for b in range(0, ids_all.shape[0], per):
             ids = ids_all[b:b + per].to(device)
             C0, B = tally["contexts"], ids.shape[0]
@@ -186,34 +213,35 @@ def evaluate(saes: dict[str, dict[int, GroupSAE]], model, batches: Iterable[torc
             at = keep.nonzero()
             row_ctx = at[:, 0].cpu()
             logits, hidden = splicer.clean(ids, layers)
-            ce_clean, logp_clean = _ce_per_context(logits, ids)
+            ce_clean, _ = _ce_kl(logits, ids)
+            logp_clean = F.log_softmax(_upcast(logits[:, :-1]), -1)
+            clean = (logp_clean, logp_clean.exp())
             del logits
-            p_clean = logp_clean.exp()
             tally["clean"].append(ce_clean)
             tally["targets"].append(torch.full((B,), float(ids.shape[1] - 1), dtype=torch.float64))
             for v in layers:
                 h = hidden[v]
+                kh = keep.to(h.device)  # a model split over devices: block v's own
                 if medians is not None:
-                    norms = torch.linalg.vector_norm(h[keep].double(), dim=1).cpu()
+                    norms = torch.linalg.vector_norm(h[kh].double(), dim=1).cpu()
                     for row in outlier_rows(norms, medians[v], at.cpu(), ids.cpu(), v,
                                             "held-out"):
                         tally["outliers"].append({**row, "context": row["context"] + C0})
-                ablations = {"zero": torch.zeros((), dtype=h.dtype, device=device)}
+                ablations = {"zero": torch.zeros((), dtype=h.dtype, device=h.device)}
                 if means is not None:
-                    ablations["mean"] = means[v].to(device, h.dtype)
+                    ablations["mean"] = means[v].to(h.device, h.dtype)
                 for name, fill in ablations.items():
                     hz = h.clone()
-                    hz[keep] = fill
-                    ce, _ = _ce_per_context(splicer.from_block(ids, v, hz), ids)
+                    hz[kh] = fill
+                    ce, _ = _ce_kl(splicer.from_block(ids, v, hz), ids)
                     tally["ablation"][v][name].append(ce)
                     bar.update(B)
                 for method, sae in by_layer[v]:
-                    sums, fires, out = reconstruction_sums(sae, h[keep], v, row_ctx, B)
+                    sums, fires, out = reconstruction_sums(
+                        sae, h[kh], v, row_ctx, B, None if means is None else means[v])
                     hs = h.clone()
-                    hs[keep] = out.recon.to(device, h.dtype)
-                    ce, logp = _ce_per_context(splicer.from_block(ids, v, hs), ids)
-                    kl = (p_clean * (logp_clean - logp)).sum(-1).sum(1).double().cpu()
-                    del logp
+                    hs[kh] = out.recon.to(h.device, h.dtype)
+                    ce, kl = _ce_kl(splicer.from_block(ids, v, hs), ids, clean)
                     t = tally["sae"][method][v]
                     for k, val in {**sums, "ce": ce, "kl": kl}.items():
                         t.setdefault(k, []).append(val)

@@ -134,7 +134,8 @@ last; clean CE {metrics['clean_ce']:.3f} nats/token. Ĝ = {metrics['chosen_G']} 
 Kept positions: not the first of a context (the attention sink) and not a special token
 (ids {ev['excluded_token_ids']}); the others keep their clean activations. FVU = Σ‖x − x̂‖² /
 Σ‖x − x̄‖² over all kept held-out tokens; EV = SAELens's explained variance, the mean over tokens
-of 1 − ‖x − x̂‖² / ‖x − x̄_batch‖²; MSE per element in the SAE's scaled space (unit mean norm);
+of 1 − ‖x − x̂‖² / ‖x − x̄‖² (x̄ here: the statistics prefix's mean); MSE per element in the
+SAE's scaled space (unit mean norm);
 loss recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean), the layer's kept positions
 zero-ablated or set to its mean over the statistics prefix; ΔCE % = (CE_spliced − CE_clean) /
 CE_clean; KL(clean ‖ spliced) per next-token prediction. Dead % held-out: latents that never fire

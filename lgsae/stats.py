@@ -11,8 +11,9 @@ way; the 95 % interval of a difference is diff ± t₀.₉₇₅,C−1 · SE.
 
 Estimators (per layer, over the kept held-out positions):
 - fvu: Σ‖x − x̂‖² / Σ‖x − mean(x)‖² (the training loss's FVU; mean over all held-out tokens);
-- explained_variance: SAELens's, the mean over tokens of 1 − ‖x − x̂‖² / ‖x − mean_batch(x)‖²
-  (mean over one evaluation forward's tokens);
+- explained_variance: SAELens's form, the mean over tokens of 1 − ‖x − x̂‖² / ‖x − x̄‖², with x̄
+  the layer's mean over the statistics prefix (SAELens: the evaluation batch's mean; a fixed x̄
+  keeps the number independent of how the held-out contexts are batched);
 - mse: Σ‖x − x̂‖² / (tokens · D) in the SAE's scaled space (unit mean norm per layer);
 - l0: active latents per token;
 - delta_ce_pct: 100 · (CE_spliced − CE_clean) / CE_clean (the paper's ΔCE %);

@@ -78,8 +78,11 @@ class Trainer:
         self.dead_window = cfg.dead_window or max(cfg.batch, min(PAPER_DEAD_WINDOW, total // 5))
         # A group SAE's latent sees each member layer on 1/|g| of its tokens: its window is
         # |g| times longer, so a latent that fires on one member layer as often as a healthy
-        # per-layer latent does is not flagged dead (and pushed by AuxK) |g| times sooner.
-        self.windows = [self.dead_window * len(s.layers) for s in self.specs]
+        # per-layer latent does is not flagged dead (and pushed by AuxK) |g| times sooner. Capped
+        # at half the run (never below the base window), so that AuxK still acts in every SAE
+        # of a short run (the cap binds only when |g| x window > tokens / 2).
+        self.windows = [min(self.dead_window * len(s.layers), max(self.dead_window, total // 2))
+                        for s in self.specs]
 
     def _rows(self, n: int) -> slice:
         """This rank's rows of a batch of n (all of them unless data parallel)."""
@@ -182,6 +185,7 @@ class Trainer:
                     tensors[f"{i}.adam.{j}.{key}"] = t
             tensors[f"{i}.since_fire"] = self.since_fire[i]
         meta = {"step": self.step, "tokens": self.tokens, "kept": self.kept,
+                "windows": self.windows,
                 "seconds": self.seconds,
                 "specs": [asdict(s) for s in self.specs], "config": asdict(self.cfg),
                 "index": self.index, "world": self.dist.world, "data_parallel": self.dp}
@@ -194,9 +198,11 @@ class Trainer:
                              "`torchrun --nproc_per_node`")
         if meta["specs"] != [asdict(s) for s in self.specs] or meta["config"] != asdict(self.cfg) \
                 or meta.get("index", self.index) != self.index \
-                or meta.get("data_parallel", False) != self.dp:
-            raise ValueError("the checkpoint was written by a run with other SAEs or settings; "
-                             "resume with the same flags, or start over with --overwrite")
+                or meta.get("data_parallel", False) != self.dp \
+                or meta.get("windows") != self.windows:
+            raise ValueError("the checkpoint was written by a run with other SAEs or settings "
+                             "(or by an older lgsae); resume with the same flags and version, "
+                             "or start over with --overwrite")
         for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
             sae.load_state_dict({n: tensors[f"{i}.{n}"] for n in sae.state_dict()})
             sd = opt.state_dict()

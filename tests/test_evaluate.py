@@ -81,10 +81,91 @@ def test_loss_recovered_is_one_for_an_identity_sae_and_zero_for_a_zero_sae():
         assert ident["kl"] == pytest.approx(0.0, abs=1e-9)
         assert zero["loss_recovered"] == 0.0  # the splice is the zero ablation, bit for bit
         assert zero["delta_ce_pct"] > 0 and zero["kl"] > 0
-        assert ident["fvu_se"] == pytest.approx(0.0, abs=1e-12)
-    # the paired difference of a metric with itself plus a constant has no spread
-    assert ev["paired"] == {}  # no per-layer method here
     assert math.isfinite(ev["means"]["zero"]["loss_recovered_mean_se"])
+
+
+def test_every_per_context_sum_matches_a_direct_computation():
+    """A random SAE on layer 2, special tokens inside the contexts, a non-zero mean: each
+    per-context sum of the tally against the full model with forward hooks, context by context."""
+    import torch.nn.functional as F
+
+    model = tiny_model("llama", n_layers=4).double()
+    blocks = find_blocks(model)
+    ids = torch.randint(1, 61, (5, 16))
+    ids[1, 7] = ids[3, 2] = 0
+    special = [0]
+    sae = GroupSAE(32, k=3, num_latents=24, layers=[2], scales=[0.37], seed=3).double()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    means = {2: torch.randn(32, dtype=torch.float64)}
+    tally = evaluate({"m": {2: sae}}, model, [ids[:2], ids[2:]], special=special, means=means,
+                     progress=False)
+    t = tally["sae"]["m"][2]
+    keep = kept_positions(ids, special)
+    fires = torch.zeros(24, dtype=torch.long)
+    for c in range(5):
+        one, k = ids[c:c + 1], keep[c:c + 1]
+        with torch.no_grad():
+            out = model(input_ids=one, output_hidden_states=True, use_cache=False)
+            x = out.hidden_states[3][k]
+            rec = sae(x, layer=2)
+
+            def ce_with(fill):
+                def hook(module, args, output):
+                    h = (output[0] if isinstance(output, tuple) else output).clone()
+                    h[k] = fill
+                    return (h, *output[1:]) if isinstance(output, tuple) else h
+                handle = blocks[2].register_forward_hook(hook)
+                logits = model(input_ids=one, use_cache=False).logits[0, :-1]
+                handle.remove()
+                return F.log_softmax(logits, -1)
+
+            lp_clean = F.log_softmax(out.logits[0, :-1], -1)
+            lp = ce_with(rec.recon)
+        target = one[0, 1:, None]
+        s = float(sae.scales[0])  # 0.37 as the SAE keeps it (fp32)
+        xs, err = x * s, (x - rec.recon) * s
+        direct = {
+            "sse": err.pow(2).sum(), "s2": xs.pow(2).sum(), "n": k.sum(),
+            "l0": (rec.top_acts > 0).sum(),
+            "ev": (1 - err.pow(2).sum(1) / (xs - means[2] * s).pow(2).sum(1)).sum(),
+            "ce": -lp.gather(-1, target).sum(),
+            "kl": (lp_clean.exp() * (lp_clean - lp)).sum()}
+        for key, val in direct.items():
+            assert float(t[key][c]) == pytest.approx(float(val), rel=1e-9, abs=1e-9), (key, c)
+        assert_close(t["s1"][c], xs.sum(0), atol=1e-9, name="s1")
+        assert float(tally["clean"][c]) == pytest.approx(float(-lp_clean.gather(-1, target).sum()))
+        for name, fill in (("zero", 0.0), ("mean", means[2])):
+            with torch.no_grad():
+                ce = -ce_with(fill).gather(-1, target).sum()
+            assert float(tally["ablation"][2][name][c]) == pytest.approx(float(ce), rel=1e-9)
+        fires += torch.bincount(rec.top_indices[rec.top_acts > 0], minlength=24)
+    assert torch.equal(t["fires"], fires)
+    # FVU's denominator is around the mean of all held-out kept tokens
+    with torch.no_grad():
+        x_all = model(input_ids=ids, output_hidden_states=True).hidden_states[3][keep] * s
+    ev = summarize_eval(tally, 32)
+    sst = (x_all - x_all.mean(0)).pow(2).sum()
+    assert ev["per_layer"]["m"][2]["fvu"] == pytest.approx(float(t["sse"].sum() / sst), rel=1e-9)
+
+
+def test_tallies_from_several_ranks_merge_to_the_one_process_tally():
+    from lgsae.pipeline import merge_tallies
+
+    model = tiny_model("llama", n_layers=4)
+    ids = torch.randint(1, 61, (4, 12))
+    saes = {"groups": {1: GroupSAE(32, k=2, num_latents=16, layers=[1, 2], seed=1)},
+            "per-layer": {1: GroupSAE(32, k=2, num_latents=16, layers=[1], seed=2),
+                          2: GroupSAE(32, k=2, num_latents=16, layers=[2], seed=3)}}
+    saes["groups"][2] = saes["groups"][1]
+    kw = dict(special=[], means={v: torch.zeros(32) for v in (1, 2)}, progress=False)
+    one = evaluate(saes, model, [ids], **kw)
+    parts = [evaluate({"groups": saes["groups"]}, model, [ids], **kw),
+             evaluate({"per-layer": saes["per-layer"]}, model, [ids], **kw)]
+    merged = merge_tallies(parts)
+    a, b = summarize_eval(one, 32), summarize_eval(merged, 32)
+    assert a["per_layer"] == b["per_layer"] and a["paired"] == b["paired"]
+    assert set(b["paired"]) == {"groups"}
 
 
 def _synthetic_tally(per_ctx: dict[str, dict[int, dict]], C: int, D: int = 4) -> dict:
@@ -206,6 +287,7 @@ def test_special_token_positions_are_left_out_of_statistics_training_and_evaluat
     n = lay.chunk_tokens(0)
     tr.train_batch({v: chunk[v][:n] for v in (1, 2)} | {KEEP: chunk[KEEP][:n]})
     assert seen == [int(chunk[KEEP][:n].sum())] and tr.kept == seen[0] and tr.tokens == n
+    assert int(tr.since_fire[0].max()) == seen[0]  # dead counters advance by the kept tokens
     # evaluation: only kept positions go through the SAE; the others keep clean activations
     counted = []
 
