@@ -41,6 +41,17 @@ def find_blocks(model) -> torch.nn.ModuleList:
         "pass a decoder-only causal LM (Llama, GPT-NeoX, GPT-2, Gemma, ...)")
 
 
+def block_paths(model) -> tuple[str, str]:
+    """The module path of the block list, from the model and from its base model (sparsify's
+    hookpoints): ("model.layers", "layers") for Llama, ("transformer.h", "h") for GPT-2,
+    ("gpt_neox.layers", "layers") for GPT-NeoX; block l's output is "<path>.<l>"."""
+    blocks = find_blocks(model)
+    full = next(n for n, m in model.named_modules() if m is blocks)
+    base_model = getattr(model, "base_model", model)
+    base = next((n for n, m in base_model.named_modules() if m is blocks), full)
+    return full, base
+
+
 def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     """Sorted, distinct, in-range block indices (all blocks when None)."""
     if layers is None:

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from tyro.conf import Positional
 
 Precision = Literal["float32", "bfloat16"]
+
 
 
 def _positive(name: str, value, minimum=1) -> None:
@@ -176,6 +178,21 @@ class GroupsConfig:
     groups: GroupConfig = field(default_factory=GroupConfig)
     out: str = "runs/groups"
     """Folder for groups.json and the plots."""
+
+
+@dataclass
+class ExportConfig:
+    """Export a run's SAEs for SAELens or sparsify/delphi: one folder per (method, layer), each
+    reconstructing that layer's raw activations (the layer's scale folded into the weights)."""
+
+    run: Positional[str]
+    """The run folder (as written by python -m lgsae.train)."""
+    format: Literal["saelens", "sparsify"] = "saelens"
+    """saelens: SAELens-native folders (SAE.load_from_disk); sparsify: per-hookpoint folders."""
+    out: str = "export"
+    """Output folder (must not exist or be empty)."""
+    methods: str = "all"
+    """Comma list of the run's methods to export (groups, per-layer, ...), or all."""
 
 
 def parse(cls, argv: list[str] | None, prog: str):

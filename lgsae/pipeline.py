@@ -27,7 +27,7 @@ import torch
 
 from lgsae import dist as distributed
 from lgsae.buffer import ShuffleBuffer
-from lgsae.capture import DTYPES, check_layers, special_ids
+from lgsae.capture import DTYPES, block_paths, check_layers, special_ids
 from lgsae.checkpoint import Checkpoints
 from lgsae.config import COSMETIC, PipelineConfig
 from lgsae.data import count_contexts
@@ -184,7 +184,7 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     owned = None if data_parallel else distributed.balance(costs, d.world)[d.rank]
     trainer = Trainer(specs, tc, model_name, d_model=d_model, scales=scales,
                       total_tokens=tc.tokens, device=d.device, owned=owned, dist=d,
-                      data_parallel=data_parallel)
+                      data_parallel=data_parallel, hook_prefix=block_paths(model)[1])
     source = _source(c, forward, layout, tok, model, d, special)
     ckpt = Checkpoints(out / "checkpoints", c.run.checkpoint_minutes, d)
     if c.run.resume:
@@ -195,9 +195,10 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     stream_seconds = forward.seconds - before
     if isinstance(source, CacheSource):  # the harvest's forward, as recorded when it ran
         stream_seconds += source.cache.harvest_seconds
+    firing = [trainer.firing(i) for i in range(len(trainer.saes))]  # collective (data parallel)
     if d.is_main or not data_parallel:  # replicas are identical: rank 0 saves them
-        for spec, sae in zip(trainer.specs, trainer.saes):
-            sae.save(out / "saes" / spec.name)
+        for spec, sae, f in zip(trainer.specs, trainer.saes, firing):
+            sae.save(out / "saes" / spec.name, firing=f)
 
     # 3. held-out evaluation: each rank its own SAEs (data parallel: a share of the replicas)
     mine = list(range(len(trainer.specs)))

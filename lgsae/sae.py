@@ -37,6 +37,7 @@ _SPARSIFY_DEFAULTS = {
     "transcode": False,
 }
 _TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+FIRING_FILE = "firing.safetensors"  # training firing counts per (layer, latent), if recorded
 
 
 class ForwardOutput(NamedTuple):
@@ -95,7 +96,7 @@ class GroupSAE(nn.Module):
                f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
         self._compute_dtype = compute_dtype
         self.d_in, self.num_latents, self.k = d_in, M, k
-        self.expansion_factor = expansion_factor
+        self.expansion_factor = M // d_in if M % d_in == 0 else M / d_in  # the true width
         self.k_aux = d_in // 2 if k_aux is None else k_aux
         self.layers, self.model_name, self._scale_values = layers, model, scales
         self.hookpoints = list(hookpoints) if hookpoints is not None else None
@@ -279,7 +280,9 @@ class GroupSAE(nn.Module):
         """cfg.json: sparsify's keys first, then the group fields."""
         return {
             **_SPARSIFY_DEFAULTS,
-            "expansion_factor": self.expansion_factor,
+            # the true width over d_in (an int when exact); num_latents is what loaders use
+            "expansion_factor": self.expansion_factor if isinstance(self.expansion_factor, int)
+            else round(self.expansion_factor, 6),
             "num_latents": self.num_latents,
             "k": self.k,
             "d_in": self.d_in,
@@ -293,13 +296,17 @@ class GroupSAE(nn.Module):
             "format": "lgsae.GroupSAE/1",
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write `path/cfg.json` and `path/sae.safetensors`; the folder appears (or replaces an
-        older one) whole, through lgsae.io.write_folder."""
+    def save(self, path: str | os.PathLike, firing: dict[str, Tensor] | None = None) -> Path:
+        """Write `path/cfg.json` and `path/sae.safetensors` (and, given the trainer's firing
+        counts {"counts": [layers, M], "tokens": [layers]}, `path/firing.safetensors`); the
+        folder appears (or replaces an older one) whole, through lgsae.io.write_folder."""
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
 
         def fill(tmp: Path) -> None:
             save_file(tensors, tmp / "sae.safetensors")
+            if firing is not None:
+                save_file({k: v.contiguous().cpu() for k, v in firing.items()},
+                          tmp / FIRING_FILE)
             (tmp / "cfg.json").write_text(json.dumps(self.config(), indent=2) + "\n")
 
         return write_folder(path, fill)
@@ -326,7 +333,6 @@ class GroupSAE(nn.Module):
         W_dec = tensors["W_dec"]
         sae = cls(
             int(cfg["d_in"]), k=int(cfg["k"]), num_latents=W_dec.shape[0],
-            expansion_factor=int(cfg.get("expansion_factor", 16)),
             layers=cfg.get("layers", [0]), scales=cfg.get("scales"), model=cfg.get("model"),
             hookpoints=cfg.get("hookpoints"), k_aux=cfg.get("k_aux"),
             dtype=dtype or W_dec.dtype, device=device,

@@ -29,7 +29,9 @@ class Trainer:
     """The SAEs of a run (or this rank's share of them), their optimizers, dead-latent counters
     and timings; checkpointable.
 
-    `owned`: indices into `specs` that this process trains (default: all). Seeds follow the index
+    `hook_prefix`: the block list's module path in the base model (lgsae.capture.block_paths),
+    for the SAEs' hookpoints. `owned`: indices into `specs` that this process trains (default:
+    all). Seeds follow the index
     in `specs`, so an SAE comes out the same whichever rank trains it. `dist` with
     `data_parallel=True`: every rank holds every owned SAE and trains on its 1/world of each
     batch, with gradients, FVU denominators and dead-latent counters reduced over the ranks.
@@ -38,7 +40,8 @@ class Trainer:
     def __init__(self, specs: list[SAESpec], cfg: TrainConfig, model_name: str, *,
                  d_model: int, scales: dict[int, float], total_tokens: int,
                  device: str | torch.device = "cpu", owned: list[int] | None = None,
-                 dist: Dist | None = None, data_parallel: bool = False):
+                 dist: Dist | None = None, data_parallel: bool = False,
+                 hook_prefix: str = "layers"):
         if not specs:
             raise ValueError("no SAEs to train")
         self.dist = dist or Dist(device=torch.device(device))
@@ -64,12 +67,18 @@ class Trainer:
         self.saes = [
             GroupSAE(d_model, k=cfg.k, num_latents=s.num_latents, layers=s.layers,
                      scales=[scales[v] for v in s.layers], model=model_name,
-                     hookpoints=[f"layers.{v}" for v in s.layers], device=device,
+                     hookpoints=[f"{hook_prefix}.{v}" for v in s.layers], device=device,
                      seed=cfg.seed * 1009 + g, compute_dtype=compute)
             for g, s in zip(self.index, self.specs)
         ]
         self.opts = [make_optimizer(sae, cfg.lr) for sae in self.saes]
         self.since_fire = [torch.zeros(s.num_latents, dtype=torch.int64) for s in self.specs]
+        # firings per (member layer, latent) and kept tokens per member layer, this rank's rows:
+        # the training firing rates that exports carry (SAELens's sparsity.safetensors)
+        self.fire_counts = [torch.zeros(len(s.layers), s.num_latents, dtype=torch.int64,
+                                        device=device) for s in self.specs]
+        self.layer_tokens = [torch.zeros(len(s.layers), dtype=torch.int64, device=device)
+                             for s in self.specs]
         self.seconds = [0.0] * len(self.specs)
         self.step, self.tokens, self.kept = 0, 0, 0  # stream positions, of which trained on
         self.layers = sorted({v for s in self.specs for v in s.layers})
@@ -158,6 +167,7 @@ class Trainer:
             f = torch.zeros(self.since_fire[i].shape, dtype=torch.uint8)
             f[out.top_indices[out.top_acts > 0].cpu()] = 1
             fired.append(f)
+            self._count_by_layer(i, inputs[i][1], out)
             fvus.append(out.fvu.double().cpu())
         fvu = torch.stack(fvus)
         if self.dp:  # a latent fired if it fired on any rank; the FVU parts add up
@@ -184,6 +194,8 @@ class Trainer:
                 for key, t in st.items():
                     tensors[f"{i}.adam.{j}.{key}"] = t
             tensors[f"{i}.since_fire"] = self.since_fire[i]
+            tensors[f"{i}.fire_counts"] = self.fire_counts[i]
+            tensors[f"{i}.layer_tokens"] = self.layer_tokens[i]
         meta = {"step": self.step, "tokens": self.tokens, "kept": self.kept,
                 "windows": self.windows,
                 "seconds": self.seconds,
@@ -213,6 +225,8 @@ class Trainer:
                     sd["state"][j] = st
             opt.load_state_dict(sd)
             self.since_fire[i] = tensors[f"{i}.since_fire"].clone()
+            self.fire_counts[i] = tensors[f"{i}.fire_counts"].to(self.device)
+            self.layer_tokens[i] = tensors[f"{i}.layer_tokens"].to(self.device)
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], list(meta["seconds"])
         self.kept = meta.get("kept", self.tokens)
 
@@ -250,6 +264,23 @@ class Trainer:
         bar.close()
         if checkpoints is not None and checkpoints.saved_step != self.step:
             checkpoints.save(self)  # at the end (unless this step was just saved)
+
+    def _count_by_layer(self, i: int, layer: torch.Tensor, out) -> None:
+        """Add one step's firings of SAE i per member layer (on its device, no host sync)."""
+        sae = self.saes[i]
+        pos = sae._layer_pos[layer]  # member index of each row's layer
+        M = sae.num_latents
+        flat = (pos[:, None] * M + out.top_indices).reshape(-1)
+        self.fire_counts[i].view(-1).index_add_(0, flat, (out.top_acts > 0).reshape(-1).long())
+        self.layer_tokens[i].index_add_(0, pos, torch.ones_like(pos))
+
+    def firing(self, i: int) -> dict[str, torch.Tensor]:
+        """SAE i's training firing counts {"counts": [members, M], "tokens": [members]}, summed
+        over the ranks when data parallel (a collective: every rank calls it)."""
+        counts, tokens = self.fire_counts[i].cpu().clone(), self.layer_tokens[i].cpu().clone()
+        if self.dp:
+            self.dist.all_reduce_many_([counts, tokens])
+        return {"counts": counts, "tokens": tokens}
 
     def count_fires(self, i: int, fired: torch.Tensor, tokens: int) -> None:
         """After a step of `tokens` kept tokens in which SAE i's latents `fired` ([M] bool)."""

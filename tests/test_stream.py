@@ -143,7 +143,7 @@ def flags(tiny, out, *extra, tokens=4096):
 
 def sae_bytes(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes()
-            for p in sorted((run / "saes").rglob("sae.safetensors"))}
+            for p in sorted((run / "saes").rglob("*.safetensors"))}  # weights, firing counts
 
 
 def test_streamed_and_cached_runs_give_bit_identical_saes(tiny, monkeypatch):
@@ -152,7 +152,7 @@ def test_streamed_and_cached_runs_give_bit_identical_saes(tiny, monkeypatch):
     main(flags(tiny, root / "streamed"))
     m = main(flags(tiny, root / "cached", "--from-cache"))
     a, b = sae_bytes(root / "streamed"), sae_bytes(root / "cached")
-    assert a.keys() == b.keys() and len(a) == 6  # 2 group SAEs + 4 per-layer
+    assert a.keys() == b.keys() and len(a) == 12  # 2 group SAEs + 4 per-layer, 2 files each
     assert a == b
     assert m["source"] == "cache"
     caches = list((root / "cache" / "activations").iterdir())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CharTokenizer, tiny_model, tiny_model_dir, write_texts
+from safetensors.torch import load_file
 
 from lgsae import GroupSAE
 from lgsae.config import TrainConfig
@@ -77,9 +78,16 @@ def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
     saes = sorted(p.parent for p in (run / "saes").rglob("cfg.json"))
     n = sum(m["n_saes"] for m in on_disk["methods"].values())
     assert len(saes) == n
+    kept = on_disk["tokens_train_kept"]
+    assert 0 < kept < on_disk["tokens_train"]  # the EOS positions joining documents are out
     for folder in saes:
         sae = GroupSAE.load(folder)
         assert sae.layers and sae.model_name == tiny["model"]
+        assert sae.hookpoints == [f"layers.{v}" for v in sae.layers]  # LlamaModel.layers
+        firing = load_file(folder / "firing.safetensors")  # training firings per member layer
+        assert firing["counts"].shape == (len(sae.layers), sae.num_latents)
+        assert int(firing["tokens"].sum()) == kept  # every kept token counted at its layer
+        assert int(firing["counts"].sum()) <= sae.k * kept
     table = (run / "report.md").read_text()
     assert "| groups |" in table and "Pythia-160M" in table
     assert "streamed from the model through a" in " ".join(table.split())
@@ -124,8 +132,8 @@ def test_resume_after_sigkill_gives_identical_weights(tiny, tmp_path, monkeypatc
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").glob("step_*")] == ["step_000005"]
     main(flags(tiny, tmp_path / "killed", "--resume"))
     main(flags(tiny, tmp_path / "clean"))
-    a = sorted((tmp_path / "killed" / "saes").rglob("sae.safetensors"))
-    b = sorted((tmp_path / "clean" / "saes").rglob("sae.safetensors"))
+    a = sorted((tmp_path / "killed" / "saes").rglob("*.safetensors"))  # weights and firing counts
+    b = sorted((tmp_path / "clean" / "saes").rglob("*.safetensors"))
     assert [p.relative_to(tmp_path / "killed") for p in a] == \
         [p.relative_to(tmp_path / "clean") for p in b] and a
     for x, y in zip(a, b):
@@ -157,10 +165,8 @@ def test_existing_run_folder_is_never_overwritten_silently(tiny, tmp_path, monke
     (["--wandb", "proj"], ValueError, r"--wandb needs the wandb package: python -m pip install"),
 ])
 def test_bad_flags_give_one_clear_error(tiny, tmp_path, monkeypatch, extra, exc, match):
-    import importlib.util
-
-    if "--wandb" in extra and importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here: the missing-package error cannot be shown")
+    if "--wandb" in extra:  # as if wandb were not installed (the peers extra brings it)
+        monkeypatch.setitem(sys.modules, "wandb", None)
     monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
     with pytest.raises(exc, match=match):
         main(flags(tiny, tmp_path / "run", *extra))

@@ -1,0 +1,167 @@
+"""Export a run's SAEs so other tools open them: `python -m lgsae.export RUN --format
+saelens|sparsify --out DIR` (or `export(run, fmt, out)`).
+
+For every layer that a trained SAE serves, one folder that reconstructs that layer's **raw**
+activations with nothing left to apply: the layer's input scale s is folded into the weights.
+GroupSAE computes z = TopK(ReLU(W_enc (s·x − b_dec) + b_enc)), x̂ = (W_decᵀ z + b_dec) / s;
+with W_enc' = s·W_enc, b_dec' = b_dec / s and W_dec' = W_dec / s this is exactly
+z = TopK(ReLU(W_enc' (x − b_dec') + b_enc)), x̂ = W_dec'ᵀ z + b_dec' (z unchanged), the plain
+TopK SAE both formats describe.
+
+- `saelens`: DIR/<method>/<hook name>/ with SAELens's cfg.json (architecture topk, metadata with
+  model_name, hook_name, context_size, dataset_path, prepend_bos), sae_weights.safetensors
+  (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec) and sparsity.safetensors (log10
+  firing rate of each latent on that layer during training) — the layout SAE.load_from_disk,
+  SAEDashboard and Neuronpedia uploads read. Hook names are the model's module paths (block l's
+  output: "model.layers.l" on Llama, "transformer.h.l" on GPT-2).
+- `sparsify`: DIR/<method>/<hookpoint>/ (cfg.json + sae.safetensors, sparsify's own layout) with
+  the hookpoint relative to the base model as sparsify names it ("layers.l", "h.l"), and
+  DIR/<method>/config.json beside them, as delphi and SparseCoder.load_from_disk expect.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lgsae.io import write_folder, write_json
+from lgsae.sae import _SPARSIFY_DEFAULTS, FIRING_FILE, GroupSAE
+
+SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here (SAELens >= 6 reads it)
+
+
+def fold(sae: GroupSAE, layer: int) -> dict[str, torch.Tensor]:
+    """{encoder.weight [M, D], encoder.bias, W_dec [M, D], b_dec} for raw activations of
+    `layer` (fp32, the scale folded in)."""
+    s = float(sae.scale_for(layer, 1))
+    return {"encoder.weight": sae.encoder.weight.detach().float().cpu() * s,
+            "encoder.bias": sae.encoder.bias.detach().float().cpu().clone(),
+            "W_dec": sae.W_dec.detach().float().cpu() / s,
+            "b_dec": sae.b_dec.detach().float().cpu() / s}
+
+
+def _module_paths(run_flags: dict) -> tuple[str, str]:
+    """(path from the model, path from its base model) of the run model's block list, from its
+    config alone (the model is built on the meta device: no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lgsae.capture import block_paths
+    from lgsae.models import resolve
+
+    remote = bool(run_flags.get("trust_remote_code"))
+    config = AutoConfig.from_pretrained(resolve(run_flags.get("model")),
+                                        trust_remote_code=remote)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+    return block_paths(model)
+
+
+def _saelens_cfg(sae: GroupSAE, name: str, layer: int, hook: str, flags: dict) -> dict:
+    from lgsae import __version__
+    from lgsae.data import DEFAULT_TEXT
+
+    return {
+        "architecture": "topk", "d_in": sae.d_in, "d_sae": sae.num_latents, "k": sae.k,
+        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+            "model_name": sae.model_name, "model_class_name": "AutoModelForCausalLM",
+            "hook_name": hook, "hook_head_index": None,
+            "context_size": flags.get("ctx"),
+            "dataset_path": flags.get("dataset") or f"{DEFAULT_TEXT} (packaged Wikipedia leads)",
+            "prepend_bos": False,  # contexts are packed text: position 0 is any token
+            "exported_by": f"lgsae {__version__}", "lgsae_sae": name,
+            "lgsae_layers": sae.layers, "lgsae_scale_folded": float(sae.scale_for(layer, 1)),
+        },
+    }
+
+
+def export(run: str | Path, fmt: str = "saelens", out: str | Path = "export",
+           methods: list[str] | None = None) -> list[Path]:
+    """Write the folders (module docstring); returns them. `methods`: default all of the run's."""
+    run, out = Path(run), Path(out)
+    if fmt not in ("saelens", "sparsify"):
+        raise ValueError(f"--format must be saelens or sparsify, got {fmt!r}")
+    if not (run / "run.json").is_file() or not (run / "saes").is_dir():
+        raise FileNotFoundError(f"{run} is not a finished lgsae run (no run.json or saes/); "
+                                "pass the --out folder of python -m lgsae.train")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new --out (nothing was written)")
+    flags = json.loads((run / "run.json").read_text())
+    have = sorted(p.name for p in (run / "saes").iterdir() if p.is_dir())
+    methods = have if not methods else methods
+    unknown = [m for m in methods if m not in have]
+    if unknown:
+        raise ValueError(f"method(s) {unknown} are not in {run / 'saes'} (it has {have})")
+    full, base = _module_paths(flags)
+    written = []
+    for method in methods:
+        folders = sorted(p.parent for p in (run / "saes" / method).rglob("cfg.json"))
+        hookpoints = []
+        for folder in folders:
+            sae = GroupSAE.load(folder)
+            firing = load_file(folder / FIRING_FILE) if (folder / FIRING_FILE).is_file() else None
+            if firing is None:
+                warnings.warn(f"{folder} has no {FIRING_FILE} (trained before lgsae recorded "
+                              "training firing rates): no sparsity.safetensors", stacklevel=2)
+            for j, v in enumerate(sae.layers):
+                w = fold(sae, v)
+                if fmt == "saelens":
+                    dest = out / method / f"{full}.{v}"
+                    cfg = _saelens_cfg(sae, folder.name, v, f"{full}.{v}", flags)
+                    tensors = {"W_enc": w["encoder.weight"].T.contiguous(),
+                               "b_enc": w["encoder.bias"], "W_dec": w["W_dec"],
+                               "b_dec": w["b_dec"]}
+                    rate = None if firing is None else \
+                        firing["counts"][j].double() / max(int(firing["tokens"][j]), 1)
+
+                    def fill(tmp, cfg=cfg, tensors=tensors, rate=rate):
+                        save_file(tensors, tmp / "sae_weights.safetensors")
+                        if rate is not None:
+                            save_file({"sparsity": torch.log10(rate + 1e-10).float()},
+                                      tmp / "sparsity.safetensors")
+                        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+                else:
+                    hookpoints.append(f"{base}.{v}")
+                    dest = out / method / f"{base}.{v}"
+                    cfg = {**_SPARSIFY_DEFAULTS, "expansion_factor": sae.config()[
+                        "expansion_factor"], "normalize_decoder": False,
+                        "num_latents": sae.num_latents, "k": sae.k, "d_in": sae.d_in}
+
+                    def fill(tmp, cfg=cfg, w=w):
+                        save_file(w, tmp / "sae.safetensors")
+                        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+                written.append(write_folder(dest, fill))
+        if fmt == "sparsify":
+            write_json(out / method / "config.json",
+                       {"model": sae.model_name, "hookpoints": sorted(hookpoints, key=_layer),
+                        "exported_by": "lgsae", "scales_folded": True})
+    return written
+
+
+def _layer(hookpoint: str) -> int:
+    return int(hookpoint.rsplit(".", 1)[1])
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    from lgsae.config import ExportConfig, parse
+
+    c = parse(ExportConfig, argv, prog="python -m lgsae.export")
+    methods = None if c.methods == "all" else [m.strip() for m in c.methods.split(",")]
+    written = export(c.run, c.format, c.out, methods)
+    print(f"lgsae.export: {len(written)} {c.format} folders under {c.out}")
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
+        sys.exit(f"lgsae.export: error: {e}")
