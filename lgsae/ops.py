@@ -2,7 +2,9 @@
 
 The choice is made per call from the tensors (DESIGN §3): the Triton launcher when the tensor is on
 CUDA, triton imports, the kernel module provides that launcher and `LGSAE_DISABLE_TRITON` is not
-set; otherwise the pure-torch twin, which is also the CPU engine.
+set; otherwise the pure-torch twin, which is also the CPU engine. A launcher runs only after it
+matched the twin on a small probe of the call's class (lgsae.selfcheck; LGSAE_KERNEL_CHECK=0
+skips that).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lgsae import reference
+from lgsae import reference, selfcheck
 from lgsae.reference import EncodeOut
 
 # launcher name -> module under lgsae.kernels that holds it (DESIGN §3: one file per op)
@@ -41,13 +43,23 @@ def triton_disabled() -> bool:
     return os.environ.get("LGSAE_DISABLE_TRITON", "0") not in ("", "0", "false", "False")
 
 
-def impl(op: str, t: Tensor):
-    """The function that runs `op` for tensors like `t`: a Triton launcher or its reference twin."""
+def triton_launcher(op: str, t: Tensor):
+    """The Triton launcher for `op` on tensors like `t`, or None (CPU tensor, no triton, the
+    kernel not shipped, or LGSAE_DISABLE_TRITON)."""
     if t.is_cuda and not triton_disabled():
         mod = _kernel_module(_KERNEL_MODULES[op])
         if mod is not None and hasattr(mod, op):
             return getattr(mod, op)
-    return getattr(reference, op)
+    return None
+
+
+def impl(op: str, t: Tensor):
+    """The function that runs `op` for tensors like `t`: a Triton launcher (once it passed
+    lgsae.selfcheck's probe for the call's class) or its reference twin."""
+    launcher = triton_launcher(op, t)
+    if launcher is None:
+        return getattr(reference, op)
+    return lambda *args: selfcheck.choose(op, launcher, args)(*args)
 
 
 class TopKEncode(torch.autograd.Function):

@@ -33,3 +33,20 @@ def test_cuda_step_matches_cpu(dtype):
         du, dc = a.detach().float().cpu() - before[n], b.detach().float() - before[n]
         assert float(dc.norm()) > 0, n
         assert float((du - dc).norm() / dc.norm()) < 0.25, n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_passes_its_self_check_on_this_gpu(dtype):
+    """A CUDA step probes each launcher it uses (lgsae.selfcheck): all must pass here."""
+    from lgsae import selfcheck
+
+    selfcheck.reset()
+    sae = GroupSAE(576, k=32, num_latents=4608, seed=0, dtype=dtype, device="cuda")
+    x = torch.randn(512, 576, device="cuda", dtype=dtype)
+    train_step(sae, make_optimizer(sae), x, dead_mask=torch.rand(4608, device="cuda") < 0.02)
+    ops = {r["op"] for r in selfcheck.RESULTS}
+    assert {"topk_encode", "sparse_decode", "sparse_decode_backward",
+            "topk_encode_backward", "project_decoder_grad_", "renorm_decoder_"} <= ops
+    bad = [r for r in selfcheck.RESULTS if not r["ok"]]
+    assert not bad, bad
+    print("self-check seconds:", {r["op"]: round(r["seconds"], 4) for r in selfcheck.RESULTS})

@@ -480,3 +480,79 @@ def test_topk_encode_cuda_never_writes_pre(k):
     extra = torch.cuda.max_memory_allocated() - base
     assert out.aux_acts.shape[1] == int(dead.sum())
     assert extra < N * M * 4 / 10, f"{extra / 2**20:.0f} MiB extra: pre-activations materialized?"
+
+
+SELF_CHECK_OPS = {"topk_encode": ENCODE, "topk_encode_backward": ENCODE,
+                  "sparse_decode": DECODE, "sparse_decode_backward": DECODE,
+                  "project_decoder_grad_": NORM, "renorm_decoder_": NORM}
+
+
+def _call_args(op):
+    """One CPU fp32 call of `op` (D = 48, K = 7, AuxK on)."""
+    N, D, M, K = 20, 48, 100, 7
+    W = torch.randn(M, D) / D ** 0.5
+    idx = torch.randint(0, M, (N, K))
+    return {"topk_encode": (torch.randn(N, D), W, torch.randn(M) * 0.1, torch.randn(D) * 0.1, K,
+                            torch.rand(M) < 0.3, 24),
+            "topk_encode_backward": (torch.randn(N, D), W, idx, torch.randn(N, K), True),
+            "sparse_decode": (idx, torch.randn(N, K), W),
+            "sparse_decode_backward": (torch.randn(N, D), idx, torch.randn(N, K), W, True, True),
+            "project_decoder_grad_": (W, torch.randn(M, D)),
+            "renorm_decoder_": (W,)}[op]
+
+
+def _broken(op, real):
+    """`real` with a 10 % error in what it returns or writes."""
+    def launcher(*args):
+        out = real(*args)
+        if op in ("project_decoder_grad_", "renorm_decoder_"):
+            args[-1].mul_(1.1)
+            return out
+        first = out[0]
+        first.mul_(1.1)
+        return out
+    return launcher
+
+
+@interpreter
+@pytest.mark.parametrize("op", list(SELF_CHECK_OPS))
+def test_self_check_trusts_each_kernel_and_catches_a_broken_one(op):
+    import warnings
+
+    from lgsae import selfcheck
+
+    real = getattr(SELF_CHECK_OPS[op], op)
+    selfcheck.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the real (interpreted) kernel passes without a warning
+        assert selfcheck.choose(op, real, _call_args(op)) is real
+        assert selfcheck.choose(op, real, _call_args(op)) is real  # probed once per class
+    assert [r["ok"] for r in selfcheck.RESULTS] == [True]
+    selfcheck.reset()
+    with pytest.warns(RuntimeWarning, match=f"the Triton kernel for {op} does not match its "
+                                            "reference on cpu"):
+        fn = selfcheck.choose(op, _broken(op, real), _call_args(op))
+    assert fn is getattr(reference, op)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls take the reference silently
+        assert selfcheck.choose(op, _broken(op, real), _call_args(op)) is fn
+    selfcheck.reset()
+
+
+@interpreter
+def test_a_broken_launcher_falls_back_through_ops(monkeypatch):
+    from lgsae import ops, selfcheck
+
+    selfcheck.reset()
+    broken = _broken("sparse_decode", DECODE.sparse_decode)
+    monkeypatch.setattr(ops, "triton_launcher",
+                        lambda op, t: broken if op == "sparse_decode" else None)
+    idx, acts, W = _call_args("sparse_decode")
+    with pytest.warns(RuntimeWarning, match="sparse_decode does not match"):
+        out = ops.sparse_decode(idx, acts, W)
+    assert_close(out, reference.sparse_decode(idx, acts, W), atol=1e-6, name="fallback")
+    monkeypatch.setenv("LGSAE_KERNEL_CHECK", "0")  # skipped: the launcher runs unchecked
+    selfcheck.reset()
+    assert not torch.allclose(ops.sparse_decode(idx, acts, W),
+                              reference.sparse_decode(idx, acts, W))
+    selfcheck.reset()
