@@ -7,7 +7,8 @@ Targets (issue 6, CPU, N=4096, D=576, M=9216, K=32): fp32 `sparse` <= 1.3x `gemm
 (extra_info `speedup_vs_sparsify_fp32`). GPU: >= 2x faster than `sparsify` (Triton decoder) and
 peak memory <= 0.5x sparsify's.
 
-Timed, one call each (no dead latents, so no AuxK pass in any provider):
+Timed, one call each (`test_step`: no dead latents, so no AuxK pass in any provider;
+`test_step_with_dead_latents`: 1 % and 3 % dead, AuxK in ours and sparsify's):
 - `gemm_topk`: encoder GEMM into a preallocated [N, M] buffer + torch.topk (the floor);
 - `sparse`: lgsae.step.train_step on GroupSAE (Triton on CUDA, lgsae.reference on CPU); in bf16
   as the trainer's bf16 option runs it: bf16 matmuls over fp32 master weights and fp32 Adam;
@@ -66,8 +67,16 @@ def _sparsify_precision():
         torch.set_float32_matmul_precision(old)
 
 
-def _step_fn(provider: str, sae: GroupSAE, x: torch.Tensor):
+def _dead_mask(M: int, frac: float) -> torch.Tensor:
+    """A fixed set of round(frac·M) dead latents (seeded), on the benchmark device."""
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[torch.randperm(M, generator=torch.Generator().manual_seed(7))[:round(frac * M)]] = True
+    return dead.to(DEVICE)
+
+
+def _step_fn(provider: str, sae: GroupSAE, x: torch.Tensor, dead_frac: float = 0.0):
     N, K = x.shape[0], sae.k
+    dead = _dead_mask(sae.num_latents, dead_frac)
     if provider == "gemm_topk":
         W, b = sae.encoder.weight.detach(), sae.encoder.bias.detach()
         pre = torch.empty(N, sae.num_latents, device=DEVICE, dtype=x.dtype)
@@ -75,7 +84,6 @@ def _step_fn(provider: str, sae: GroupSAE, x: torch.Tensor):
     if provider == "sparsify":
         sc = sparsify_coder(sae.state_dict(), sae.k)
         opt = make_optimizer(sc)  # duck-typed: parameters() and num_latents
-        dead = torch.zeros(sc.num_latents, dtype=torch.bool, device=DEVICE)
 
         def step():
             with _sparsify_precision():
@@ -91,7 +99,8 @@ def _step_fn(provider: str, sae: GroupSAE, x: torch.Tensor):
         return step
     opt = make_optimizer(sae)
     fwd = dense_forward(sae) if provider == "dense" else None
-    return lambda: train_step(sae, opt, x, forward=fwd)
+    mask = dead if dead_frac > 0 else None  # as the trainer passes it: None when none is dead
+    return lambda: train_step(sae, opt, x, forward=fwd, dead_mask=mask)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -130,3 +139,32 @@ def test_step(benchmark, record, provider, dtype):
     base = median(group.replace(name, "float32"), "sparsify")
     if provider == "sparse" and dtype != torch.float32 and base is not None:
         benchmark.extra_info["speedup_vs_sparsify_fp32"] = base / t
+
+
+@pytest.mark.parametrize("provider", ["gemm_topk", "sparse", "sparsify"])
+@pytest.mark.parametrize("dead_frac", [0.01, 0.03], ids=["dead1pct", "dead3pct"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_with_dead_latents(benchmark, record, provider, dead_frac, dtype):
+    """The step with AuxK running: 1 % and 3 % of the latents dead (k_aux = D/2 in both SAEs;
+    at M=9216 that is 92 and 276 dead latents, either side of the fused AuxK's 256)."""
+    N, D, M, K = SHAPES[scale()]
+    torch.manual_seed(0)
+    mixed = provider == "sparse" and dtype != torch.float32
+    sae = GroupSAE(D, k=K, num_latents=M, dtype=torch.float32 if mixed else dtype, device=DEVICE,
+                   seed=0, compute_dtype=dtype if mixed else None)
+    x = torch.randn(N, D, device=DEVICE, dtype=dtype)
+    run = _step_fn(provider, sae, x, dead_frac)
+
+    def timed():
+        out = run()
+        sync()
+        return out
+
+    benchmark.pedantic(timed, warmup_rounds=1, rounds=7 if DEVICE.type == "cpu" else 20)
+    name = str(dtype).removeprefix("torch.")
+    record(benchmark, f"step+AuxK {dead_frac:.0%} dead N={N} D={D} M={M} K={K} {name}",
+           provider)
+    if benchmark.stats is not None:
+        reference.free_workspace()
+        benchmark.extra_info.update(N=N, D=D, M=M, K=K, dtype=name, device=device_name(),
+                                    scale=scale(), dead=round(dead_frac * M))
