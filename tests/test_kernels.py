@@ -301,8 +301,22 @@ def test_topk_encode_matches_reference(shape, dtype, small_encode_tiles):
 
 @interpreter
 def test_topk_encode_heuristic_tiles():
-    cfg = ENCODE.block_config(48, ENCODE.candidate_width(20))
-    assert cfg["BLOCK_M"] >= 32 and cfg["BLOCK_N"] >= 16
+    widths = sorted({ENCODE.candidate_width(k) for k in range(1, ENCODE.MAX_FUSED_K + 1)})
+    last_n = None
+    for KP in widths:
+        for D in (8, 48, 576, 2304):
+            cfg = ENCODE.block_config(D, KP)
+            # a tile must hold a whole candidate set for tl.topk: BLOCK_M >= KP, powers of two
+            assert cfg["BLOCK_M"] >= KP and cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1) == 0, cfg
+            assert cfg["BLOCK_D"] == min(max(triton.next_power_of_2(D), 16), 64), (D, cfg)
+        # register pressure grows with BLOCK_N·(BLOCK_M + 2·KP): BLOCK_N never grows with KP
+        assert last_n is None or cfg["BLOCK_N"] <= last_n, (KP, cfg)
+        last_n = cfg["BLOCK_N"]
+    # the default shape (K = 32, D = 576): the tiles the AOT occupancy check compiles
+    assert ENCODE.block_config(576, ENCODE.candidate_width(32)) == \
+        {"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "num_warps": 8}
+    with pytest.raises(ValueError, match="exceeds MAX_FUSED_K"):
+        ENCODE.block_config(576, 2 * ENCODE.MAX_FUSED_K)
     encode_case(ENCODE, 5, 48, 64, 20, "some", 10, False, torch.float32)  # one 64-latent tile
 
 

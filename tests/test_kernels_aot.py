@@ -163,7 +163,14 @@ def test_every_kernel_config_compiles_without_spills(capsys):
         print("\n" + "\n".join(table))
     spilled = [r for r in rows if r["local"] != 0]
     assert not spilled, f"register spills (LOCAL bytes > 0): {spilled}"
-    assert all(r["reg"] <= 255 for r in rows)
+    # ptxas never exceeds 255 registers, so a `reg <= 255` check would test nothing. What matters
+    # is occupancy: the default GPU training config (bf16/fp16, K = 32: candidate width 32, int32
+    # keys, 8 warps) must keep two programs per SM (2 x 256 threads x regs <= 65,536 registers,
+    # kernels/NOTES.md), else the fused encoder loses half its latency hiding.
+    hot = [r for r in rows if r["kernel"] == "_topk_encode_kernel"
+           and r["config"].startswith("KP=32 BN") and " key32 " in r["config"]]
+    assert len(hot) == 4, [r["config"] for r in hot]  # fp16, bf16 x sm_80, sm_90
+    assert all(2 * 32 * 8 * r["reg"] <= 65536 for r in hot), hot
 
 
 if __name__ == "__main__":
