@@ -103,9 +103,8 @@ def _step_fn(provider: str, sae: GroupSAE, x: torch.Tensor, dead_frac: float = 0
     return lambda: train_step(sae, opt, x, forward=fwd, dead_mask=mask)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_step(benchmark, record, provider, dtype):
+def _time_step(benchmark, provider: str, dtype: torch.dtype, dead_frac: float = 0.0):
+    """Time one provider's step at the scale's shape; returns (shape, dtype name, timed fn)."""
     N, D, M, K = SHAPES[scale()]
     torch.manual_seed(0)
     # our bf16 option (TrainConfig dtype="bfloat16") is bf16 matmuls over fp32 master weights;
@@ -114,7 +113,7 @@ def test_step(benchmark, record, provider, dtype):
     sae = GroupSAE(D, k=K, num_latents=M, dtype=torch.float32 if mixed else dtype, device=DEVICE,
                    seed=0, compute_dtype=dtype if mixed else None)
     x = torch.randn(N, D, device=DEVICE, dtype=dtype)
-    run = _step_fn(provider, sae, x)
+    run = _step_fn(provider, sae, x, dead_frac)
 
     def timed():
         out = run()
@@ -122,7 +121,13 @@ def test_step(benchmark, record, provider, dtype):
         return out
 
     benchmark.pedantic(timed, warmup_rounds=1, rounds=7 if DEVICE.type == "cpu" else 20)
-    name = str(dtype).removeprefix("torch.")
+    return (N, D, M, K), str(dtype).removeprefix("torch."), timed
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step(benchmark, record, provider, dtype):
+    (N, D, M, K), name, timed = _time_step(benchmark, provider, dtype)
     group = f"step N={N} D={D} M={M} K={K} {name}"
     record(benchmark, group, provider)
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing to report
@@ -147,21 +152,7 @@ def test_step(benchmark, record, provider, dtype):
 def test_step_with_dead_latents(benchmark, record, provider, dead_frac, dtype):
     """The step with AuxK running: 1 % and 3 % of the latents dead (k_aux = D/2 in both SAEs;
     at M=9216 that is 92 and 276 dead latents, either side of the fused AuxK's 256)."""
-    N, D, M, K = SHAPES[scale()]
-    torch.manual_seed(0)
-    mixed = provider == "sparse" and dtype != torch.float32
-    sae = GroupSAE(D, k=K, num_latents=M, dtype=torch.float32 if mixed else dtype, device=DEVICE,
-                   seed=0, compute_dtype=dtype if mixed else None)
-    x = torch.randn(N, D, device=DEVICE, dtype=dtype)
-    run = _step_fn(provider, sae, x, dead_frac)
-
-    def timed():
-        out = run()
-        sync()
-        return out
-
-    benchmark.pedantic(timed, warmup_rounds=1, rounds=7 if DEVICE.type == "cpu" else 20)
-    name = str(dtype).removeprefix("torch.")
+    (N, D, M, K), name, _ = _time_step(benchmark, provider, dtype, dead_frac)
     record(benchmark, f"step+AuxK {dead_frac:.0%} dead N={N} D={D} M={M} K={K} {name}",
            provider)
     if benchmark.stats is not None:
