@@ -118,6 +118,7 @@ class GroupSAE(nn.Module):
         lut = torch.full((max(layers) + 1,), -1, dtype=torch.int64)
         lut[torch.tensor(layers)] = torch.arange(len(layers))
         self.register_buffer("_layer_pos", lut.to(device), persistent=False)
+        self._lut_host = lut  # the same table on the host: layers given there stay there
 
     # ------------------------------------------------------------------ scales
     def scale_for(self, layer: int | Tensor | None, n: int) -> Tensor:
@@ -137,14 +138,18 @@ class GroupSAE(nn.Module):
             raise ValueError(f"layer must be an int block index or a per-token integer tensor, "
                              f"got {layer!r}")
         if isinstance(layer, Tensor) and layer.numel() != 1:
-            layer = layer.reshape(-1).to(self._layer_pos.device)
+            layer = layer.reshape(-1)
             _check(layer.numel() == n, f"layer has {layer.numel()} entries for {n} tokens")
-            pos = self._layer_pos[layer.clamp(0, self._layer_pos.numel() - 1)]
-            bad = (pos < 0) | (layer < 0) | (layer >= self._layer_pos.numel())
+            # validated where the tensor lives: a CPU tensor (what the trainer passes) costs the
+            # device no host sync; a device tensor is read back once
+            lut = self._layer_pos if layer.device == self._layer_pos.device else \
+                self._lut_host.to(layer.device)
+            pos = lut[layer.clamp(0, lut.numel() - 1)]
+            bad = (pos < 0) | (layer < 0) | (layer >= lut.numel())
             if bool(bad.any()):
                 raise ValueError(f"layer {int(layer[bad][0])} is not served by this SAE "
                                  f"(layers {self.layers})")
-            return self.scales[pos].unsqueeze(1)
+            return self.scales[pos.to(self.scales.device)].unsqueeze(1)
         layer = int(layer)
         _check(layer in self.layers,
                f"layer {layer} is not served by this SAE (layers {self.layers})")
@@ -185,7 +190,8 @@ class GroupSAE(nn.Module):
             # AuxK (Gao et al. 2024): the top dead latents reconstruct the residual; weight shrinks
             # when fewer latents are dead than k_aux.
             e_hat = ops.sparse_decode(aux_idx, aux_acts, W_dec).to(acc)
-            weight = min(int(dead_mask.sum()) / self.k_aux, 1.0)
+            # on the device (no host read): min(#dead / k_aux, 1), in the loss dtype
+            weight = (dead_mask.sum().double() / self.k_aux).clamp(max=1.0).to(acc)
             auxk = weight * (e_hat - resid.detach()).pow(2).sum() / total_var
         else:
             auxk = fvu.new_zeros(())

@@ -81,6 +81,7 @@ class Trainer:
         self.layer_tokens = [torch.zeros(len(s.layers), dtype=torch.int64, device=device)
                              for s in self.specs]
         self.seconds = [0.0] * len(self.specs)
+        self._laps: list[tuple] = []  # CUDA (sae, start, end) events not yet added to seconds
         self.step, self.tokens, self.kept = 0, 0, 0  # stream positions, of which trained on
         self.layers = sorted({v for s in self.specs for v in s.layers})
         self.total_steps = total_tokens // cfg.batch
@@ -150,27 +151,33 @@ class Trainer:
         keep = batch.get(KEEP)
         n = batch[self.layers[0]].shape[0]
         kept = n if keep is None else int(keep.sum())  # not special-token positions
-        inputs = [(x.to(self.device), layer.to(self.device))
+        # rows on the device; each row's layer stays on the host for the forward (validated
+        # there without a device read) and goes to the device for the firing counts
+        inputs = [(x.to(self.device), layer)
                   for x, layer in (self._inputs(i, batch, keep) for i in range(len(self.saes)))]
         tvs = self._total_variances(inputs)
         fvus, fired = [], []
         for i, sae in enumerate(self.saes):
             x, layer = inputs[i]
-            dead_mask = self.dead_latents(i).to(self.device)
-            t0 = time.perf_counter()
+            dead = self.dead_latents(i)  # decided on the host, where the counters live
+            start = self._clock()
             out = train_step(sae, self.opts[i], x, layer=layer,
-                             dead_mask=dead_mask if bool(dead_mask.any()) else None,
+                             dead_mask=dead.to(self.device) if bool(dead.any()) else None,
                              total_variance=tvs[i], grad_sync=self._sync_grads if self.dp
                              else None)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.seconds[i] += time.perf_counter() - t0
-            f = torch.zeros(self.since_fire[i].shape, dtype=torch.uint8)
-            f[out.top_indices[out.top_acts > 0].cpu()] = 1
+            self._lap(i, start)
+            # which latents fired, counted on the device (no boolean indexing: no host sync)
+            f = torch.zeros(sae.num_latents, dtype=torch.int32, device=self.device)
+            f.index_add_(0, out.top_indices.reshape(-1), (out.top_acts > 0).reshape(-1).int())
             fired.append(f)
-            self._count_by_layer(i, inputs[i][1], out)
-            fvus.append(out.fvu.double().cpu())
-        fvu = torch.stack(fvus)
+            self._count_by_layer(i, inputs[i][1].to(self.device), out)
+            fvus.append(out.fvu.detach().double())
+        # one device -> host copy per step for every SAE's firing flags and FVU
+        sizes = [f.numel() for f in fired]
+        flat = torch.cat([torch.cat(fired).double(), torch.stack(fvus)]).cpu()
+        fired = [(t > 0).to(torch.uint8) for t in flat[:sum(sizes)].split(sizes)]
+        fvu = flat[sum(sizes):]
+        self._settle()  # the copy waited for the step: the timing events are complete
         if self.dp:  # a latent fired if it fired on any rank; the FVU parts add up
             self.dist.all_reduce_many_(fired, "max")
             self.dist.all_reduce_(fvu)
@@ -268,6 +275,28 @@ class Trainer:
         bar.close()
         if checkpoints is not None and checkpoints.saved_step != self.step:
             checkpoints.save(self)  # at the end (unless this step was just saved)
+
+    def _clock(self):
+        """A start mark for SAE step timing: a CUDA event (no host sync), else the wall clock."""
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def _lap(self, i: int, start) -> None:
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._laps.append((i, start, end))
+        else:
+            self.seconds[i] += time.perf_counter() - start
+
+    def _settle(self) -> None:
+        """Add the recorded CUDA laps to the per-SAE seconds (their events have completed)."""
+        for i, start, end in self._laps:
+            self.seconds[i] += start.elapsed_time(end) / 1000
+        self._laps.clear()
 
     def _count_by_layer(self, i: int, layer: torch.Tensor, out) -> None:
         """Add one step's firings of SAE i per member layer (on its device, no host sync)."""

@@ -243,3 +243,39 @@ def test_firing_counts_land_on_each_rows_member_layer():
     tr.train_batch(batch)
     assert torch.equal(tr.fire_counts[0], expected)
     assert torch.equal(tr.layer_tokens[0], torch.bincount(pos, minlength=3))
+
+
+def test_host_reads_in_the_sae_step_are_the_known_ones():
+    """Every read of a tensor value into Python (aten._local_scalar_dense: .item(), bool(), int())
+    and every nonzero is a host sync when the tensor is on a GPU. A step with dead latents makes
+    exactly these: the finiteness guard before the update, the dead latents' nonzero that sizes
+    the AuxK output and, for per-token layers, their validation, which reads the layer tensor
+    where it lives (the trainer keeps it on the host: no device read). The AuxK weight, the dead
+    mask's any() (decided on the host counters) and the firing flags no longer read the device.
+    Counted on the CPU, where the same ops run; reintroducing any device read fails this."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lgsae.step import make_optimizer, train_step
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
+                self.calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    x = torch.randn(128, 32)
+    for layers, layer, expected in (([3], 3, ["_local_scalar_dense", "nonzero"]),
+                                    ([0, 1], torch.randint(0, 2, (128,)),
+                                     ["_local_scalar_dense", "_local_scalar_dense", "nonzero"])):
+        sae = GroupSAE(32, k=4, num_latents=64, layers=layers, seed=0)
+        opt = make_optimizer(sae)
+        train_step(sae, opt, x, layer=layer, dead_mask=dead)  # warm-up (lazy state)
+        with Count() as c:
+            train_step(sae, opt, x, layer=layer, dead_mask=dead)
+        assert sorted(c.calls) == expected, (layers, c.calls)
