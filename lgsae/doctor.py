@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("ops:")
     for op, path in paths.items():
         print(f"  {op:24} {path}")
-    checks = [r for r in selfcheck.RESULTS]
+    checks = list(selfcheck.RESULTS)
     if checks:
         print("self-check (probe per class, once per process):")
         for r in checks:

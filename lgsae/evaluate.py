@@ -213,8 +213,8 @@ def evaluate(saes: dict[str, dict[int, GroupSAE]], model, batches: Iterable[torc
             at = keep.nonzero()
             row_ctx = at[:, 0].cpu()
             logits, hidden = splicer.clean(ids, layers)
-            ce_clean, _ = _ce_kl(logits, ids)
             logp_clean = F.log_softmax(_upcast(logits[:, :-1]), -1)
+            ce_clean = -logp_clean.gather(-1, ids[:, 1:, None]).squeeze(-1).double().sum(1).cpu()
             clean = (logp_clean, logp_clean.exp())
             del logits
             tally["clean"].append(ce_clean)
