@@ -22,6 +22,29 @@ def _positive(name: str, value, minimum=1) -> None:
         raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+EQUAL_COMPUTE = "equal-compute"
+
+
+def eval_at_tokens(text: str, tokens: int) -> list[int | str]:
+    """--eval-at as a list of token counts and/or EQUAL_COMPUTE (resolved once the groups are
+    known: lgsae.plan.equal_compute_tokens)."""
+    out: list[int | str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part == EQUAL_COMPUTE:
+            out.append(part)
+            continue
+        try:
+            n = int(part.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"--eval-at: {part!r} is neither a token count nor "
+                             f"{EQUAL_COMPUTE!r}; e.g. --eval-at 250000,equal-compute") from None
+        if not 0 < n < tokens:
+            raise ValueError(f"--eval-at: {n} must be between 0 and --tokens ({tokens}), "
+                             "exclusive (the end of training is always evaluated)")
+        out.append(n)
+    return out
+
+
 @dataclass
 class DataConfig:
     """Model, text and where in the token stream each part of the run reads."""
@@ -111,10 +134,16 @@ class TrainConfig:
     """Seeds the document order, the shuffle buffer, the SAEs' initialisation and layer draws."""
     dead_window: int = 0
     """Tokens with no firing until a latent is dead (x a group's layers); 0: min(10M, tokens/5)."""
+    init_b_dec: Literal["mean", "zero"] = "mean"
+    """b_dec at start: the first batch's mean (scaled space), or zero (the paper)."""
+    encoder_norm: float = 1.0
+    """Norm of the encoder rows at start (copies of the unit decoder rows; the paper: 1)."""
     buffer_tokens: int = 32_768
     """Shuffle buffer: a batch mixes its contexts; memory tokens × layers × width × act-dtype."""
     baselines: str = "per-layer"
     """Comma list of per-layer,even,smaller,single (or 'none')."""
+    eval_at: str = ""
+    """Also evaluate per-layer SAEs at: token counts and/or equal-compute (the groups' cost)."""
     from_cache: bool = False
     """Harvest the training stream to the disk cache ($LGSAE_CACHE) or reuse it, then train."""
     data_parallel: bool = False
@@ -130,6 +159,12 @@ class TrainConfig:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         _positive("dead_window", self.dead_window, 0)
+        if eval_at_tokens(self.eval_at, self.tokens) and "per-layer" not in [
+                b.strip() for b in self.baselines.split(",")]:
+            raise ValueError("--eval-at evaluates the per-layer SAEs part-way: add per-layer to "
+                             "--baselines")
+        if not 0 < self.encoder_norm < float("inf"):
+            raise ValueError(f"--encoder-norm must be finite and > 0, got {self.encoder_norm}")
 
     def for_device(self, device) -> TrainConfig:
         """This config with an unset batch and dtype filled in for `device` (DEVICE_DEFAULTS)."""
@@ -210,6 +245,27 @@ class ExportConfig:
     """Output folder (must not exist or be empty)."""
     methods: str = "all"
     """Comma list of the run's methods to export (groups, per-layer, ...), or all."""
+
+
+@dataclass
+class BrowseConfig:
+    """Build a static site to look at every latent of a run: its top and random held-out
+    activations by member layer, firing frequency, layer shares and logit lens."""
+
+    run: Positional[str]
+    """The run folder (as written by python -m lgsae.train)."""
+    out: str = ""
+    """Site folder (default RUN/browser); an older site there is replaced whole."""
+    tokens: int = 16_384
+    """Held-out tokens to encode (the run's eval contexts, then text after its training stream)."""
+    top: int = 20
+    """Top-activating examples kept per latent."""
+    random: int = 3
+    """Further random firings kept per latent."""
+    methods: str = "all"
+    """Comma list of the run's methods to include (groups, per-layer, ...), or all."""
+    progress: bool = True
+    """Show a progress bar."""
 
 
 def parse(cls, argv: list[str] | None, prog: str):

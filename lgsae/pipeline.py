@@ -29,12 +29,12 @@ from lgsae import dist as distributed
 from lgsae.buffer import ShuffleBuffer
 from lgsae.capture import DTYPES, block_paths, check_layers, special_ids
 from lgsae.checkpoint import Checkpoints
-from lgsae.config import COSMETIC, PipelineConfig
+from lgsae.config import COSMETIC, PipelineConfig, eval_at_tokens
 from lgsae.data import count_contexts
 from lgsae.groups import compute_groups, parse_layers, plot_groups
 from lgsae.io import write_json
 from lgsae.models import DEFAULT_MODEL, is_default, load_model, load_tokenizer
-from lgsae.plan import choose_partition, methods_from, plan_saes
+from lgsae.plan import SAESpec, choose_partition, methods_from, milestones, plan_saes
 from lgsae.similarity import layer_distances
 from lgsae.sources import (
     CacheSource,
@@ -190,8 +190,16 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     if c.run.resume:
         ckpt.load(trainer)
     buffer = ShuffleBuffer(source, layout, tc.batch, tc.seed, steps=trainer.total_steps)
+    at = milestones(eval_at_tokens(tc.eval_at, tc.tokens), specs, tc.tokens, tc.batch, d_model,
+                    tc.k)
+
+    def snapshot(tr: Trainer) -> None:  # the per-layer SAEs as they are at a milestone
+        if tr.step in at:
+            _snapshot(tr, out / MILESTONES / str(at[tr.step]), d.is_main or not data_parallel)
+
     before = forward.seconds
-    trainer.fit(buffer.batches(trainer.step), ckpt, progress=progress, log=log)
+    trainer.fit(buffer.batches(trainer.step), ckpt, progress=progress, log=log,
+                on_step=snapshot if at else None)
     stream_seconds = forward.seconds - before
     if isinstance(source, CacheSource):  # the harvest's forward, as recorded when it ran
         stream_seconds += source.cache.harvest_seconds
@@ -206,8 +214,13 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
         mine = distributed.balance([len(s.layers) for s in trainer.specs], d.world)[d.rank]
     by_method: dict[str, dict[int, object]] = {}
     for i in mine:
-        for v in trainer.specs[i].layers:
-            by_method.setdefault(trainer.specs[i].method, {})[v] = trainer.saes[i]
+        spec = trainer.specs[i]
+        for v in spec.layers:
+            by_method.setdefault(spec.method, {})[v] = trainer.saes[i]
+        if spec.method == "per-layer":
+            for t in at.values():
+                by_method.setdefault(f"per-layer@{t}", {})[spec.layers[0]] = _milestone_sae(
+                    out / MILESTONES / str(t) / spec.name, d.device)
     tally = evaluate(by_method, model, contexts(layout.stat_contexts, layout.eval_contexts),
                      special=special, means=stat_means, medians=medians, progress=progress,
                      n_contexts=layout.eval_contexts) if by_method else None
@@ -220,12 +233,23 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     # the model forward the SAEs shared (statistics prefix + training stream, the slowest rank)
     forward_seconds = max(d.gather(stat_seconds + stream_seconds))
 
+    # the milestone SAEs as methods of their own ("per-layer@<tokens>"), with their training
+    # figures at the milestone
+    all_specs, all_stats = list(specs), dict(stats)
+    for t in at.values():
+        for spec in (s for s in specs if s.method == "per-layer"):
+            all_stats[len(all_specs)] = json.loads(
+                (out / MILESTONES / str(t) / spec.name / "train.json").read_text())
+            all_specs.append(SAESpec(f"per-layer@{t}/{spec.name.split('/', 1)[1]}",
+                                     f"per-layer@{t}", spec.layers, spec.num_latents))
+
     def report() -> dict:
-        ev = summarize_eval(tally, d_model, last=max(groups["layers"]))
+        last = max(groups["layers"])
+        ev = summarize_eval(tally, d_model, last=last)
         spread = _spread(tally, specs, out)
         for row in outliers + tally["outliers"]:
             row["token"] = tok.decode([row["token_id"]])
-        metrics = summarize(stats, specs, ev, tally, groups, forward_seconds,
+        metrics = summarize(all_stats, all_specs, ev, tally, groups, forward_seconds,
                             partition=partition, tokens_train=trainer.tokens,
                             dead_window=trainer.dead_window, spread=spread,
                             outliers=outliers + tally["outliers"], special=special)
@@ -233,6 +257,16 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
                        parallel="data" if data_parallel else ("saes" if d.active else "none"),
                        buffer_tokens=2 * layout.chunk_contexts * layout.tokens_per_context,
                        stat_tokens=groups["tokens"], tokens_train_kept=trainer.kept)
+        for name, m in metrics["methods"].items():
+            m["tokens_train"] = int(name.split("@")[1]) if "@" in name else trainer.tokens
+        if at:
+            equal = milestones(eval_at_tokens("equal-compute", tc.tokens), specs, tc.tokens,
+                               tc.batch, d_model, tc.k) if "groups" in methods else {}
+            metrics["milestones"] = {
+                f"per-layer@{t}": {"tokens": t, "equal_compute": t in equal.values(),
+                                   "paired": summarize_eval(tally, d_model, last=last,
+                                                            base=f"per-layer@{t}")["paired"]}
+                for t in at.values()}
         write_json(out / "metrics.json", metrics)
         write_report(out, metrics, groups)
         print((out / "report.md").read_text().split("\n## ")[1])
@@ -242,6 +276,32 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     if not c.run.keep_checkpoint:
         ckpt.remove()
     return metrics
+
+
+MILESTONES = "milestones"  # run-folder subfolder: per-layer SAEs saved at --eval-at milestones
+
+
+def _snapshot(tr: Trainer, folder: Path, write: bool) -> None:
+    """Save the trainer's per-layer SAEs, their firing counts and their training figures so far
+    under folder/<name> (every rank calls: the firing counts are a collective when data
+    parallel; `write` on the rank that saves)."""
+    stats = tr.sae_stats()
+    for i, spec in enumerate(tr.specs):
+        if spec.method != "per-layer":
+            continue
+        firing = tr.firing(i)
+        if write:
+            path = tr.saes[i].save(folder / spec.name, firing=firing)
+            write_json(path / "train.json", {**stats[tr.index[i]], "tokens": tr.tokens})
+
+
+def _milestone_sae(folder: Path, device):
+    from lgsae.sae import GroupSAE
+
+    if not (folder / "train.json").is_file():
+        raise FileNotFoundError(f"{folder} is incomplete: the run stopped while saving its "
+                                "--eval-at milestone; start over with --overwrite")
+    return GroupSAE.load(folder, device=device)
 
 
 def merge_tallies(parts: list[dict]) -> dict:

@@ -51,6 +51,35 @@ def plan_saes(groups: dict, partition: list[list[int]], methods: list[str], d: i
     return specs
 
 
+def sae_flops_per_token(spec: SAESpec, d: int, k: int) -> int:
+    """Training work of one SAE per token: encoder GEMM + sparse decode and backward."""
+    return 2 * d * spec.num_latents + 8 * k * d
+
+
+def milestones(eval_at: list, specs: list[SAESpec], tokens: int, batch: int, d: int,
+               k: int) -> dict[int, int]:
+    """{step: tokens} at which the per-layer SAEs are also evaluated (--eval-at, as parsed by
+    lgsae.config.eval_at_tokens), each rounded to a whole step. equal-compute: the step where
+    the per-layer SAEs have cost what the group SAEs cost over the whole run (FLOPs; the L
+    per-layer and Ĝ+1 group SAEs are equally wide, so tokens · (Ĝ+1) / L)."""
+    from lgsae.config import EQUAL_COMPUTE
+
+    if not eval_at:
+        return {}
+    cost = {m: sum(sae_flops_per_token(s, d, k) for s in specs if s.method == m)
+            for m in ("groups", "per-layer")}
+    if not cost["per-layer"]:
+        raise ValueError("--eval-at evaluates the per-layer SAEs part-way: add per-layer to "
+                         "--baselines")
+    out = {}
+    for t in eval_at:
+        want = tokens * cost["groups"] / cost["per-layer"] if t == EQUAL_COMPUTE else t
+        step = max(1, round(want / batch))
+        if step < tokens // batch:
+            out[step] = step * batch
+    return dict(sorted(out.items()))
+
+
 def _even(layers: list[int], G: int) -> list[list[int]]:
     return even_partition(layers, G)
 

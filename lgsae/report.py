@@ -98,18 +98,14 @@ def write_report(out: Path, metrics: dict, groups: dict) -> Path:
                  f"{m['dead_pct']:.1f}", f"{m['dead_pct_train']:.1f}",
                  f"{m['train_seconds']:.1f}", f"{m['flops']:.3g}", speed]
         rows.append("| " + " | ".join(cells) + " |")
-    paired = ["| method − per-layer | " + " | ".join(c[0] for c in COLUMNS[:1] + COLUMNS[4:])
-              + " |", "|" + "---|" * (1 + len(COLUMNS) - 3)]
-    for name, p in metrics.get("paired", {}).items():
-        cells = []
-        for _, key, fmt in COLUMNS[:1] + COLUMNS[4:]:
-            if key not in p:
-                cells.append("n/a")
-                continue
-            d = p[key]
-            lo, hi = d["ci95"]
-            cells.append(f"{fmt.format(d['diff'])} [{fmt.format(lo)}, {fmt.format(hi)}]")
-        paired.append(f"| {name} | " + " | ".join(cells) + " |")
+    paired = _paired_table(metrics.get("paired", {}), "per-layer")
+    for name, ms in metrics.get("milestones", {}).items():
+        why = (", equal compute: the per-layer SAEs have cost what the group SAEs cost over the "
+               "whole run" if ms["equal_compute"] else "")
+        paired += ["", f"### Paired differences against per-layer SAEs after {ms['tokens']:,} "
+                   f"tokens ({name}{why})", "",
+                   *_paired_table({k: v for k, v in ms["paired"].items()
+                                   if "@" not in k and k != "per-layer"}, name)]
     paper = ["| method | FVU (1 − EV) | ΔCE % | source |", "|---|---|---|---|"] + [
         f"| {k} | {fvu:.3f} | {ce:.2f} | {src} |" for k, fvu, ce, src in PAPER_PYTHIA]
     trained = [s["layers"] for s in methods["groups"]["saes"].values()] \
@@ -166,6 +162,23 @@ with where it comes from.
 """
     path = out / "report.md"
     return write_atomic(path, text)
+
+
+def _paired_table(paired: dict, base: str) -> list[str]:
+    """Markdown rows: each method − `base`, difference [95 % interval] per column."""
+    rows = [f"| method − {base} | " + " | ".join(c[0] for c in COLUMNS[:1] + COLUMNS[4:])
+            + " |", "|" + "---|" * (1 + len(COLUMNS) - 3)]
+    for name, p in paired.items():
+        cells = []
+        for _, key, fmt in COLUMNS[:1] + COLUMNS[4:]:
+            if key not in p:
+                cells.append("n/a")
+                continue
+            d = p[key]
+            lo, hi = d["ci95"]
+            cells.append(f"{fmt.format(d['diff'])} [{fmt.format(lo)}, {fmt.format(hi)}]")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def _source(metrics: dict) -> str:

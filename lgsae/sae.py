@@ -72,6 +72,7 @@ class GroupSAE(nn.Module):
         device: str | torch.device | None = None,
         seed: int | None = None,
         compute_dtype: torch.dtype | None = None,
+        encoder_norm: float = 1.0,
     ):
         super().__init__()
         M = num_latents or expansion_factor * d_in
@@ -94,6 +95,8 @@ class GroupSAE(nn.Module):
         _check(compute_dtype is None or (isinstance(compute_dtype, torch.dtype) and
                                          compute_dtype.is_floating_point),
                f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
+        _check(isinstance(encoder_norm, numbers.Real) and 0 < encoder_norm < float("inf"),
+               f"encoder_norm must be finite and > 0, got {encoder_norm!r}")
         self._compute_dtype = compute_dtype
         self.d_in, self.num_latents, self.k = d_in, M, k
         self.expansion_factor = M // d_in if M % d_in == 0 else M / d_in  # the true width
@@ -101,14 +104,15 @@ class GroupSAE(nn.Module):
         self.layers, self.model_name, self._scale_values = layers, model, scales
         self.hookpoints = list(hookpoints) if hookpoints is not None else None
 
-        # Decoder rows start as random unit vectors and the encoder as their copy (DESIGN §1).
+        # Decoder rows start as random unit vectors and the encoder as their copy (DESIGN §1),
+        # scaled to `encoder_norm` (the trainer's default is below 1: README, Trainer defaults).
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         W = torch.randn(M, d_in, generator=gen, dtype=torch.float32)
         W /= W.norm(dim=1, keepdim=True)
         fk = dict(dtype=dtype, device=device)
         self.encoder = nn.Linear(d_in, M, **fk)
         with torch.no_grad():
-            self.encoder.weight.copy_(W)
+            self.encoder.weight.copy_(W * encoder_norm)
             self.encoder.bias.zero_()
         self.W_dec = nn.Parameter(W.to(**fk))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **fk))
@@ -242,6 +246,15 @@ class GroupSAE(nn.Module):
         """Before the optimizer step: drop the gradient component parallel to each decoder row."""
         if self.W_dec.grad is not None:
             ops.project_decoder_grad_(self.W_dec.data, self.W_dec.grad)
+
+    @torch.no_grad()
+    def init_b_dec_(self, x: Tensor, layer: int | Tensor | None = None) -> None:
+        """Set b_dec to the mean of the batch x (raw activations of `layer`) in the scaled space
+        the SAE works in, so that the encoder sees centred inputs from the first step (what
+        sparsify's trainer does; the paper starts b_dec at zero)."""
+        xs = self.loss_input(x, layer)
+        _check(xs.shape[0] >= 1, "init_b_dec_ needs at least one row")
+        self.b_dec.copy_(xs.double().mean(0).to(self.b_dec.dtype))
 
     @torch.no_grad()
     def renorm_decoder_(self) -> None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lgsae.capture import KEEP
 from lgsae.config import TrainConfig
 from lgsae.dist import Dist
-from lgsae.plan import SAESpec
+from lgsae.plan import SAESpec, sae_flops_per_token
 from lgsae.sae import GroupSAE
 from lgsae.step import make_optimizer, train_step
 
@@ -69,7 +69,8 @@ class Trainer:
             GroupSAE(d_model, k=cfg.k, num_latents=s.num_latents, layers=s.layers,
                      scales=[scales[v] for v in s.layers], model=model_name,
                      hookpoints=[f"{hook_prefix}.{v}" for v in s.layers], device=device,
-                     seed=cfg.seed * 1009 + g, compute_dtype=compute)
+                     seed=cfg.seed * 1009 + g, compute_dtype=compute,
+                     encoder_norm=cfg.encoder_norm)
             for g, s in zip(self.index, self.specs)
         ]
         self.opts = [make_optimizer(sae, cfg.lr) for sae in self.saes]
@@ -138,6 +139,21 @@ class Trainer:
         self.dist.all_reduce_(tv)
         return [t.to(self.device, torch.float32) for t in tv]
 
+    def _init_b_dec(self, inputs) -> None:
+        """Before the first step: every SAE's b_dec at its first batch's mean in the scaled
+        space (over every rank's rows when data parallel, so all ranks start alike)."""
+        if not self.dp:
+            for sae, (x, layer) in zip(self.saes, inputs):
+                sae.init_b_dec_(x, layer)
+            return
+        xs = [sae.loss_input(x, layer) for sae, (x, layer) in zip(self.saes, inputs)]
+        sums = torch.stack([x.double().sum(0) for x in xs]).cpu()
+        counts = torch.tensor([float(x.shape[0]) for x in xs], dtype=torch.float64)
+        self.dist.all_reduce_many_([sums, counts])
+        with torch.no_grad():
+            for sae, s, c in zip(self.saes, sums, counts):
+                sae.b_dec.copy_((s / c).to(sae.b_dec.device, sae.b_dec.dtype))
+
     def _sync_grads(self, sae: GroupSAE) -> None:
         self.dist.all_reduce_many_([p.grad for p in sae.parameters()])
 
@@ -155,6 +171,8 @@ class Trainer:
         # there without a device read) and goes to the device for the firing counts
         inputs = [(x.to(self.device), layer)
                   for x, layer in (self._inputs(i, batch, keep) for i in range(len(self.saes)))]
+        if self.step == 0 and self.cfg.init_b_dec == "mean":
+            self._init_b_dec(inputs)
         tvs = self._total_variances(inputs)
         fvus, fired = [], []
         for i, sae in enumerate(self.saes):
@@ -249,9 +267,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, batches: Iterable[dict[int, torch.Tensor]], checkpoints=None,
-            progress: bool = True, stop_after: int | None = None, log=None) -> None:
+            progress: bool = True, stop_after: int | None = None, log=None,
+            on_step=None) -> None:
         """Train on `batches` (which must start at batch `self.step`: after a loaded checkpoint,
-        the source is asked for that position, never replayed). `checkpoints`: an
+        the source is asked for that position, never replayed). `on_step(trainer)`, if given,
+        runs after every step, before a checkpoint is due (milestone snapshots). `checkpoints`: an
         lgsae.checkpoint.Checkpoints that saves when due and at the end. `log(dict, step=)`, if
         given, receives the step's mean FVU, dead % and tokens/s (e.g. wandb's run.log)."""
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
@@ -268,6 +288,8 @@ class Trainer:
             if log is not None:
                 log({"fvu": stats["fvu"], "dead_pct": stats["dead"], "tokens_per_s": rate},
                     step=self.step)
+            if on_step is not None:
+                on_step(self)
             if checkpoints is not None and checkpoints.due():
                 checkpoints.save(self)
             if stop_after is not None and self.step >= stop_after:
@@ -329,6 +351,5 @@ class Trainer:
 
     def flops(self, i: int) -> float:
         """Work of SAE i's training so far: encoder GEMM + sparse decode/backward, per token."""
-        d, M, k = self.d_model, self.specs[i].num_latents, self.cfg.k
-        return float(self.kept * (2 * d * M + 8 * k * d))
+        return float(self.kept * sae_flops_per_token(self.specs[i], self.d_model, self.cfg.k))
 

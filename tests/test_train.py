@@ -279,3 +279,44 @@ def test_host_reads_in_the_sae_step_are_the_known_ones():
         with Count() as c:
             train_step(sae, opt, x, layer=layer, dead_mask=dead)
         assert sorted(c.calls) == expected, (layers, c.calls)
+
+
+def test_eval_at_milestones_evaluate_per_layer_saes_part_way(tiny, tmp_path, monkeypatch):
+    """--eval-at equal-compute,1024: the per-layer SAEs saved at those steps are evaluated as
+    methods of their own, with paired differences against them; equal compute is the step where
+    the per-layer SAEs have cost what the group SAEs cost in the whole run."""
+    monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
+    run = tmp_path / "run"
+    m = main(flags(tiny, run, "--groups", "0-2;3", "--eval-at", "equal-compute,1024"))
+    # 3 group SAEs (0-2, 3, and the last layer alone) against 5 per-layer SAEs of equal width:
+    # 2048 x 3/5 = 1228.8 tokens -> 5 steps of 256 = 1280
+    assert set(m["milestones"]) == {"per-layer@1280", "per-layer@1024"}
+    assert m["milestones"]["per-layer@1280"]["equal_compute"]
+    assert not m["milestones"]["per-layer@1024"]["equal_compute"]
+    full, part = m["methods"]["per-layer"], m["methods"]["per-layer@1280"]
+    assert part["tokens_train"] == 1280 and full["tokens_train"] == 2048
+    assert part["n_saes"] == 5 and set(part["per_layer"]) == set(full["per_layer"])
+    assert part["flops"] == pytest.approx(full["flops"] * 1280 / 2048, rel=0.02)  # kept rows
+    groups_flops = m["methods"]["groups"]["flops"]
+    assert part["flops"] == pytest.approx(groups_flops, rel=0.05)  # equal compute, to a step
+    # the snapshot is what the per-layer SAE was at step 5, not its final state
+    snap = GroupSAE.load(run / "milestones" / "1280" / "per-layer" / "L00")
+    final = GroupSAE.load(run / "saes" / "per-layer" / "L00")
+    assert not torch.equal(snap.W_dec, final.W_dec)
+    paired = m["milestones"]["per-layer@1280"]["paired"]["groups"]["fvu"]
+    assert paired["diff"] == pytest.approx(m["methods"]["groups"]["fvu"] - part["fvu"], abs=1e-9)
+    assert "after 1,280 tokens (per-layer@1280, equal compute" in (run / "report.md").read_text()
+
+
+def test_eval_at_bad_values_are_one_clear_error(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
+    for bad, match in (("half", "neither a token count"), ("4096", "between 0 and --tokens")):
+        with pytest.raises(SystemExit):  # the flag parser's error, naming the flag
+            main(flags(tiny, tmp_path / bad, "--eval-at", bad))
+        assert match in " ".join(capsys.readouterr().err.replace("│", " ").split())
+        assert not (tmp_path / bad).exists()
+    with pytest.raises(SystemExit):
+        main(flags(tiny, tmp_path / "nb", "--eval-at", "equal-compute", "--baselines", "none"))
+    assert "add per-layer to --baselines" in " ".join(
+        capsys.readouterr().err.replace("│", " ").split())
+    assert not (tmp_path / "nb").exists()
