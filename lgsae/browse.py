@@ -37,7 +37,7 @@ ENCODE_ROWS = 4096  # rows per encode call (bounds the [rows, M] pre-activations
 
 
 # ----------------------------------------------------------------------------- the run
-def run_saes(run: Path, methods: str = "all") -> list[tuple[str, str, GroupSAE]]:
+def run_saes(run: Path, methods: str = "all", device="cpu") -> list[tuple[str, str, GroupSAE]]:
     """[(name, method, SAE)] of a run folder, in metrics.json's order (the SAEs it trained)."""
     for f in ("run.json", "metrics.json", "saes"):
         if not (run / f).exists():
@@ -55,7 +55,7 @@ def run_saes(run: Path, methods: str = "all") -> list[tuple[str, str, GroupSAE]]
             if not (folder / "cfg.json").is_file():
                 raise FileNotFoundError(f"{folder} is missing: the run's SAE folders are "
                                         "incomplete (was it moved or cut short?)")
-            out.append((name, method, GroupSAE.load(folder)))
+            out.append((name, method, GroupSAE.load(folder, device=device)))
     if not out:
         raise ValueError(f"{run}: no trained SAEs in metrics.json")
     return out
@@ -100,7 +100,7 @@ def _unembedding(model) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if isinstance(w, torch.Tensor):
             gamma = w.detach().float()
             break
-    return head.weight.detach().float(), gamma
+    return head.weight.detach().float().cpu(), None if gamma is None else gamma.cpu()
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -120,9 +120,11 @@ def latent_records(sae: GroupSAE, acts: dict[int, torch.Tensor], keep: torch.Ten
     for m, v in enumerate(members):
         idx_parts, act_parts = [], []
         for lo in range(0, n, ENCODE_ROWS):
-            a, i = sae.encode(acts[v][lo:lo + ENCODE_ROWS].float(), layer=v)
-            idx_parts.append(i)
-            act_parts.append(a.float())
+            with torch.no_grad():
+                a, i = sae.encode(acts[v][lo:lo + ENCODE_ROWS].to(sae.device, torch.float32),
+                                  layer=v)
+            idx_parts.append(i.cpu())
+            act_parts.append(a.float().cpu())
         a, i = torch.cat(act_parts), torch.cat(idx_parts)
         a = torch.where(keep[:, None], a, torch.zeros(()))  # left-out positions never fire
         fired = a > 0
@@ -196,7 +198,7 @@ def _windows(top, rand, idx, acts, ctx: int, n: int) -> dict:
 def _logit_lens(sae: GroupSAE, W_U, gamma, n: int = 8) -> list[list] | None:
     if W_U is None or W_U.shape[1] != sae.d_in:
         return None
-    d = sae.W_dec.detach().float()  # directions; the layer scale does not change them
+    d = sae.W_dec.detach().float().cpu()  # directions; the layer scale does not change them
     if gamma is not None:
         d = d * gamma
     out = []
@@ -257,9 +259,11 @@ def site_records(name: str, method: str, sae: GroupSAE, rec: dict, lens) -> tupl
 
 
 def build(run: str | Path, out: str | Path | None = None, *, tokens: int = 16_384,
-          top: int = 20, n_random: int = 3, methods: str = "all", progress: bool = True) -> dict:
-    """Write the site for `run` to `out` (default RUN/browser); returns {path, bytes, seconds,
-    tokens, saes, latents}."""
+          top: int = 20, n_random: int = 3, methods: str = "all", progress: bool = True,
+          model=None, tokenizer=None) -> dict:
+    """Write the site for `run` to `out` (default RUN/browser) and the three example latents of
+    its largest group SAE to RUN/latents.png; returns {path, bytes, seconds, tokens, saes,
+    latents, examples}. `model`, `tokenizer`: the run's, when already loaded."""
     from tqdm.auto import tqdm
 
     from lgsae.models import load_model, load_tokenizer
@@ -275,17 +279,21 @@ def build(run: str | Path, out: str | Path | None = None, *, tokens: int = 16_38
     if tokens < 1 or top < 1 or n_random < 0:
         raise ValueError(f"need --tokens >= 1, --top >= 1 and --random >= 0, got {tokens}, "
                          f"{top}, {n_random}")
+    flags = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
     saes = run_saes(run, methods)
-    flags = json.loads((run / "run.json").read_text())
     remote = bool(flags.get("trust_remote_code"))
-    model = load_model(flags.get("model"), trust_remote_code=remote)
-    tok = load_tokenizer(flags.get("model"), trust_remote_code=remote)
+    model = model if model is not None else load_model(flags.get("model"),
+                                                       trust_remote_code=remote)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(flags.get("model"),
+                                                                  trust_remote_code=remote)
+    device = next(model.parameters()).device
+    saes = [(n, m, s.to(device)) for n, m, s in saes]
     ctx = flags["ctx"]
     ids = held_out_ids(flags, tok, max(1, math.ceil(tokens / ctx)))
     keep = kept_positions(ids, special_ids(tok)).reshape(-1)
     layers = sorted({v for _, _, s in saes for v in s.layers})
     acts = Forward(model, layers, batch_size=flags.get("fwd_batch", 8), store=torch.float32,
-                   device="cpu")(ids)
+                   device=device)(ids)
     W_U, gamma = _unembedding(model)
     vocab_ids = sorted(set(ids.reshape(-1).tolist()))
     pieces = {}
@@ -328,10 +336,78 @@ def build(run: str | Path, out: str | Path | None = None, *, tokens: int = 16_38
 
     write_folder(out, fill)  # built beside `out`, then replaces it (an older site) whole
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    info = {"path": str(out), "bytes": size, "seconds": time.perf_counter() - t0,
+    examples = example_latents(pieces)
+    if examples:
+        plot_examples(pieces, examples, ids.reshape(-1).tolist(), vocab, ctx,
+                      run / "latents.png")
+    return {"path": str(out), "bytes": size, "seconds": time.perf_counter() - t0,
             "tokens": int(ids.numel()), "saes": len(saes),
-            "latents": sum(s.num_latents for _, _, s in saes)}
-    return info
+            "latents": sum(s.num_latents for _, _, s in saes),
+            "examples": [{"sae": n, "latent": j} for n, j in examples]}
+
+
+def example_latents(pieces: dict, min_fires: int = 20) -> list[tuple[str, int]]:
+    """Three latents of the widest-spanning group SAE (the first such, by name), among those with
+    >= min_fires held-out firings: the one whose firings spread most evenly over the member
+    layers, the most concentrated on one layer, and the median (by the entropy of the shares)."""
+    multi = [(len(s["layers"]), n) for n, (s, _) in pieces.items()
+             if len(s["layers"]) > 1 and s["method"] == "groups"] or \
+        [(len(s["layers"]), n) for n, (s, _) in pieces.items() if len(s["layers"]) > 1]
+    if not multi:
+        return []
+    name = max(multi, key=lambda t: (t[0], [-ord(c) for c in t[1]]))[1]
+    s = pieces[name][0]
+    ok = [j for j in range(s["M"]) if s["count"][j] >= min_fires]
+    if len(ok) < 3:
+        return []
+    share = torch.tensor([s["share"][j] for j in ok], dtype=torch.float64)
+    ent = -(share * share.clamp(min=1e-12).log()).sum(1)
+    order = torch.argsort(ent, descending=True, stable=True).tolist()
+    picks = [ok[order[0]], ok[order[-1]], ok[order[len(order) // 2]]]
+    return [(name, j) for j in dict.fromkeys(picks)]
+
+
+def plot_examples(pieces: dict, examples: list[tuple[str, int]], ids: list[int], vocab: dict,
+                  ctx: int, path: Path, n_ctx: int = 4) -> Path:
+    """An image of each example latent: its firing share per member layer, and its top held-out
+    contexts (the firing token in [brackets], with its activation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lgsae.io import save_with
+
+    def text(a: int, b: int) -> str:
+        return "".join(vocab.get(i, "?") for i in ids[a:b]).replace("\n", " ⏎ ")
+
+    fig, axes = plt.subplots(len(examples), 2, figsize=(15, 2.3 * len(examples)),
+                             gridspec_kw={"width_ratios": [1, 5]}, squeeze=False)
+    before, after = WINDOW
+    for (name, j), (ax_bar, ax_txt) in zip(examples, axes):
+        summary, shards = pieces[name]
+        detail = shards[j // SHARD][j]
+        layers = summary["layers"]
+        ax_bar.bar([str(v) for v in layers], [100 * x for x in summary["share"][j]],
+                   color="#4a78c2")
+        ax_bar.set_xlabel("member layer")
+        ax_bar.set_ylabel("% of firings")
+        ax_bar.set_title(f"{name} #{j}", fontsize=10)
+        lines = [f"fires on {100 * summary['freq'][j]:.2f} % of held-out token-layer positions, "
+                 f"mean activation {summary['mean'][j]:.2f}; top contexts:"]
+        for layer, row, act, _ in detail["top"][:n_ctx]:
+            start = row - row % ctx
+            left, tok = text(max(start, row - 2 * before), row), text(row, row + 1)
+            right = text(row + 1, min(start + ctx, row + 1 + after))
+            lines.append(f"L{layer:<2d} {act:6.2f}  …{left}[{tok}]{right}…")
+        ax_txt.axis("off")
+        ax_txt.text(0, 1, "\n".join(line.replace("$", "\\$") for line in lines),
+                    va="top", ha="left", family="monospace", fontsize=9,
+                    transform=ax_txt.transAxes)
+    fig.tight_layout()
+    out = save_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -196,10 +196,13 @@ class RunConfig:
     """Progress bars."""
     wandb: str | None = None
     """Also log training to this Weights & Biases project (needs `pip install wandb`)."""
+    browse: bool = True
+    """Build the latent browser (RUN/browser, python -m lgsae.browse) at the end of the run."""
 
 
 # flags that may differ between a run and its resumption (they change nothing in the result)
-COSMETIC = ("resume", "overwrite", "checkpoint_minutes", "keep_checkpoint", "progress", "wandb")
+COSMETIC = ("resume", "overwrite", "checkpoint_minutes", "keep_checkpoint", "progress", "wandb",
+            "browse")
 
 
 @dataclass

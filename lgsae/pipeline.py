@@ -268,6 +268,13 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
                                                             base=f"per-layer@{t}")["paired"]}
                 for t in at.values()}
         write_json(out / "metrics.json", metrics)
+        if c.run.browse:  # the latent browser and its three example latents (report.md)
+            from lgsae.browse import build
+
+            site = build(out, progress=progress, model=model, tokenizer=tok)
+            metrics["browser"] = {k: site[k] for k in ("bytes", "seconds", "tokens",
+                                                       "examples")}
+            write_json(out / "metrics.json", metrics)
         write_report(out, metrics, groups)
         print((out / "report.md").read_text().split("\n## ")[1])
         return metrics

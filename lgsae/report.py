@@ -148,7 +148,7 @@ SAE's training work. Evaluation: {ev['seconds']:.0f} s.
 ## Per layer
 
 ![per-layer FVU and loss recovered]({plot.name})
-{_spread_section(out, metrics)}{_outlier_section(metrics)}
+{_spread_section(out, metrics)}{_outlier_section(metrics)}{_browser_section(metrics)}
 ## Layer groups
 
 ![layer distances](distances.png)
@@ -179,6 +179,30 @@ def _paired_table(paired: dict, base: str) -> list[str]:
             cells.append(f"{fmt.format(d['diff'])} [{fmt.format(lo)}, {fmt.format(hi)}]")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
+
+
+def _browser_section(metrics: dict) -> str:
+    site = metrics.get("browser")
+    if not site:
+        return ""
+    ex = site["examples"]
+    pics = "" if not ex else f"""
+Three latents of {ex[0]['sae']}, chosen by how their held-out firings spread over its member
+layers (most even, most concentrated on one layer, median); each with its top contexts, the
+firing token in [brackets]:
+
+![three example latents](latents.png)
+"""
+    return f"""
+## Latent browser
+
+[browser/index.html](browser/index.html) shows every latent of every SAE: its firing frequency,
+mean activation and share of firings per member layer, its top and random activations on
+{site['tokens']:,} held-out tokens grouped by layer, and its logit lens; links like
+`index.html#groups/L02-L08/17` point at one latent. It opens from the file system
+({site['bytes'] / 1e6:.1f} MB, built in {site['seconds']:.0f} s; rebuild with
+`python -m lgsae.browse RUN --tokens N`).
+{pics}"""
 
 
 def _source(metrics: dict) -> str:

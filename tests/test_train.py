@@ -90,6 +90,10 @@ def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
         assert int(firing["counts"].sum()) <= sae.k * kept
     table = (run / "report.md").read_text()
     assert "| groups |" in table and "Pythia-160M" in table
+    # the latent browser, linked from the report with its three example latents
+    assert (run / "browser" / "index.html").is_file() and (run / "latents.png").is_file()
+    assert "[browser/index.html](browser/index.html)" in table and "latents.png" in table
+    assert len(on_disk["browser"]["examples"]) == 3
     assert "streamed from the model through a" in " ".join(table.split())
 
 
