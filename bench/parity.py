@@ -39,21 +39,28 @@ from lgsae.plan import SAESpec
 from lgsae.sources import Forward, InMemoryActivations, StreamSource, context_batches, make_layout
 from lgsae.trainer import Trainer
 
-# our trainer's settings: TrainConfig overrides, plus `massive` (leave massive-norm rows out of
-# training as well as evaluation). "paper" is the paper's initialisation (lgsae <= 0.1.0).
+# our trainer's settings, one change at a time from the paper's (lgsae 0.1.0's defaults):
+# TrainConfig fields, plus `lr_factor` (x the paper's lr rule), `window_div` (dead window = run
+# tokens / div) and `massive` (leave massive-norm rows out of training as well as evaluation).
+# "default" is whatever TrainConfig's defaults are now.
+_PAPER = {"init_b_dec": "zero", "encoder_norm": 1.0, "lr_factor": 1.0, "window_div": 5}
+_INIT = {**_PAPER, "init_b_dec": "mean", "encoder_norm": 0.58}
 VARIANTS = {
-    "paper": {"init_b_dec": "zero", "encoder_norm": 1.0},
-    "b_dec=mean": {"init_b_dec": "mean", "encoder_norm": 1.0},
-    "enc=0.58": {"init_b_dec": "zero", "encoder_norm": 0.58},
-    "b_dec=mean,enc=0.58": {"init_b_dec": "mean", "encoder_norm": 0.58},
-    "b_dec=mean,enc=0.3": {"init_b_dec": "mean", "encoder_norm": 0.3},
-    "b_dec=mean,enc=0.58,massive-out": {"init_b_dec": "mean", "encoder_norm": 0.58,
-                                        "massive": True},
-    "b_dec=mean,enc=0.58,lr x2": {"init_b_dec": "mean", "encoder_norm": 0.58, "lr_factor": 2.0},
-    "b_dec=mean,enc=0.58,lr x4": {"init_b_dec": "mean", "encoder_norm": 0.58, "lr_factor": 4.0},
-    "b_dec=mean,enc=0.58,lr x8": {"init_b_dec": "mean", "encoder_norm": 0.58, "lr_factor": 8.0},
-    "b_dec=mean,enc=0.8,lr x4": {"init_b_dec": "mean", "encoder_norm": 0.8, "lr_factor": 4.0},
-    "b_dec=mean,lr x4": {"init_b_dec": "mean", "encoder_norm": 1.0, "lr_factor": 4.0},
+    "paper (lgsae 0.1.0)": _PAPER,
+    "b_dec mean": {**_PAPER, "init_b_dec": "mean"},
+    "enc 0.58": {**_PAPER, "encoder_norm": 0.58},
+    "b_dec mean, enc 0.58": _INIT,
+    "b_dec mean, enc 0.3": {**_INIT, "encoder_norm": 0.3},
+    "b_dec mean, enc 0.58, massive-norm rows out": {**_INIT, "massive": True},
+    "+ lr x2": {**_INIT, "lr_factor": 2.0},
+    "+ lr x3": {**_INIT, "lr_factor": 3.0},
+    "+ lr x4": {**_INIT, "lr_factor": 4.0},
+    "+ lr x8": {**_INIT, "lr_factor": 8.0},
+    "+ lr x4, enc 0.8": {**_INIT, "lr_factor": 4.0, "encoder_norm": 0.8},
+    "+ lr x4, enc 1": {**_INIT, "lr_factor": 4.0, "encoder_norm": 1.0},
+    "+ lr x2, window /24": {**_INIT, "lr_factor": 2.0, "window_div": 24},
+    "+ lr x4, window /24": {**_INIT, "lr_factor": 4.0, "window_div": 24},
+    "+ lr x4, window /96": {**_INIT, "lr_factor": 4.0, "window_div": 96},
     "default": {},
 }
 
@@ -70,7 +77,7 @@ class ParityConfig:
     """Seeds per configuration (SAE initialisation and the order of the rows)."""
     variants: str = "all"
     """Our settings to train: all, or names from VARIANTS separated by ';'."""
-    sparsify: str = "constant,default"
+    sparsify: str = "constant,default,constant@x2,constant@x4"
     """sparsify runs: constant (scheduler replaced) or default (warmup+decay), "@xF": lr x F."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch=256, dtype="float32"))
 
@@ -147,11 +154,16 @@ def _layout(data: dict):
 def train_ours(cfg: ParityConfig, data: dict, seed: int, settings: dict):
     settings = dict(settings)
     massive = settings.pop("massive", False)
-    lr_factor = settings.pop("lr_factor", 1.0)
+    lr_factor = settings.pop("lr_factor", None)
+    div = settings.pop("window_div", None)
     spec = SAESpec(f"per-layer/L{cfg.layer:02d}", "per-layer", [cfg.layer],
                    cfg.train.expansion * data["train_x"].shape[1])
-    lr = None if lr_factor == 1.0 else lr_factor * 2e-4 / math.sqrt(spec.num_latents / 2**14)
-    tc = TrainConfig(**{**cfg.train.__dict__, "seed": seed, "lr": lr, **settings})
+    if lr_factor is not None:
+        settings["lr"] = lr_factor * 2e-4 / math.sqrt(spec.num_latents / 2**14)
+    if div is not None:
+        steps = _layout(data).train_tokens // cfg.train.batch
+        settings["dead_window"] = max(cfg.train.batch, steps * cfg.train.batch // div)
+    tc = TrainConfig(**{**cfg.train.__dict__, "seed": seed, **settings})
     keep = data["train_keep"].clone()
     if massive:
         keep &= _not_massive(data["train_x"], float(data["median"]))
@@ -286,27 +298,26 @@ def main(cfg: ParityConfig) -> dict:
     bad = [n for n in names if n not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variants {bad}; known: {list(VARIANTS)}")
+    # sparsify gets the dead window of our default settings (AuxK the same on both sides)
+    window = Trainer([SAESpec("x", "per-layer", [cfg.layer], M)], cfg.train, "x",
+                     d_model=data["train_x"].shape[1], scales={cfg.layer: 1.0},
+                     total_tokens=_layout(data).train_tokens).windows[0]
     result = {"layer": cfg.layer, "seeds": cfg.seeds, "k": cfg.train.k, "num_latents": M,
               "batch": cfg.train.batch, "eval": "held-out contexts of the default layout, kept "
               "positions, norm <= 50x median", "defaults": {
-                  "init_b_dec": TrainConfig.init_b_dec, "encoder_norm": TrainConfig.encoder_norm},
-              "runs": {}, "summary": {}}
-    window = None
+                  k: getattr(TrainConfig, k) for k in ("init_b_dec", "encoder_norm", "lr_scale")},
+              "dead_window": window, "runs": {}, "summary": {}}
     for name in names:
         runs = []
         for seed in range(cfg.seeds):
             t = time.perf_counter()
-            recon, info, window = train_ours(cfg, data, seed, VARIANTS[name])
+            recon, info, _ = train_ours(cfg, data, seed, VARIANTS[name])
             runs.append({"seed": seed, **info, **held_out(recon, data, M),
                          "seconds": time.perf_counter() - t})
             print(f"lgsae {name} seed {seed}: {runs[-1]}", flush=True)
         result["runs"][f"lgsae {name}"] = runs
         result["summary"][f"lgsae {name}"] = _summary(runs)
         _write(cfg.out, result)
-    if window is None:
-        window = Trainer([SAESpec("x", "per-layer", [cfg.layer], M)], cfg.train, "x",
-                         d_model=data["train_x"].shape[1], scales={cfg.layer: 1.0},
-                         total_tokens=_layout(data).train_tokens).windows[0]
     for run in [s.strip() for s in cfg.sparsify.split(",") if s.strip()]:
         schedule, _, factor = run.partition("@x")
         if schedule not in ("constant", "default"):

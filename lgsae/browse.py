@@ -44,14 +44,18 @@ def run_saes(run: Path, methods: str = "all", device="cpu") -> list[tuple[str, s
             raise FileNotFoundError(f"{run} is not a finished lgsae run (no {f}); pass the --out "
                                     "folder of python -m lgsae.train")
     trained = json.loads((run / "metrics.json").read_text())["methods"]
-    want = list(trained) if methods == "all" else [m.strip() for m in methods.split(",")]
+    # "all": the trained methods, not the per-layer SAEs saved part-way (--eval-at, "name@tokens")
+    want = [m for m in trained if "@" not in m] if methods == "all" else \
+        [m.strip() for m in methods.split(",")]
     unknown = [m for m in want if m not in trained]
     if unknown:
         raise ValueError(f"method(s) {unknown} are not in this run (it has {list(trained)})")
     out = []
     for method in want:
         for name in sorted(trained[method].get("saes", {})):
-            folder = run / "saes" / name
+            base, _, at = method.partition("@")
+            folder = run / "saes" / name if not at else \
+                run / "milestones" / at / base / name.split("/", 1)[1]
             if not (folder / "cfg.json").is_file():
                 raise FileNotFoundError(f"{folder} is missing: the run's SAE folders are "
                                         "incomplete (was it moved or cut short?)")

@@ -20,7 +20,7 @@ from lgsae.config import TrainConfig
 from lgsae.dist import Dist
 from lgsae.plan import SAESpec, sae_flops_per_token
 from lgsae.sae import GroupSAE
-from lgsae.step import make_optimizer, train_step
+from lgsae.step import make_optimizer, paper_lr, train_step
 
 PAPER_DEAD_WINDOW = 10_000_000  # tokens without a firing before a latent counts as dead
 
@@ -73,7 +73,9 @@ class Trainer:
                      encoder_norm=cfg.encoder_norm)
             for g, s in zip(self.index, self.specs)
         ]
-        self.opts = [make_optimizer(sae, cfg.lr) for sae in self.saes]
+        self.opts = [make_optimizer(sae, cfg.lr if cfg.lr is not None else
+                                    cfg.lr_scale * paper_lr(sae.num_latents))
+                     for sae in self.saes]
         self.since_fire = [torch.zeros(s.num_latents, dtype=torch.int64) for s in self.specs]
         # firings per (member layer, latent) and kept tokens per member layer, this rank's rows:
         # the training firing rates that exports carry (SAELens's sparsity.safetensors)
@@ -87,7 +89,9 @@ class Trainer:
         self.layers = sorted({v for s in self.specs for v in s.layers})
         self.total_steps = total_tokens // cfg.batch
         total = self.total_steps * cfg.batch
-        self.dead_window = cfg.dead_window or max(cfg.batch, min(PAPER_DEAD_WINDOW, total // 5))
+        # default window: 1/24 of the run (4,096 tokens at the default 98,304; bench/parity.py:
+        # a fifth of the run let a fast-learning SAE lose 8 % of its latents for good)
+        self.dead_window = cfg.dead_window or max(cfg.batch, min(PAPER_DEAD_WINDOW, total // 24))
         # A group SAE's latent sees each member layer on 1/|g| of its tokens: its window is
         # |g| times longer, so a latent that fires on one member layer as often as a healthy
         # per-layer latent does is not flagged dead (and pushed by AuxK) |g| times sooner. Capped

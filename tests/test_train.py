@@ -234,8 +234,8 @@ def test_batch_and_dtype_default_by_device():
 
 def test_firing_counts_land_on_each_rows_member_layer():
     spec = SAESpec("groups/L00-L02", "groups", [0, 1, 2], 16)
-    tr = Trainer([spec], TrainConfig(k=2, batch=64), "x", d_model=8,
-                 scales={0: 1.0, 1: 0.5, 2: 2.0}, total_tokens=640)
+    tr = Trainer([spec], TrainConfig(k=2, batch=64, init_b_dec="zero"), "x", d_model=8,
+                 scales={0: 1.0, 1: 0.5, 2: 2.0}, total_tokens=640)  # (b_dec stays as encoded)
     batch = {v: torch.randn(64, 8) + v for v in (0, 1, 2)}
     x, layer = tr._inputs(0, batch, None)  # the rows and member layers step 0 will draw
     acts, idx = tr.saes[0].encode(x, layer)  # before the step changes the weights
@@ -324,3 +324,48 @@ def test_eval_at_bad_values_are_one_clear_error(tiny, tmp_path, monkeypatch, cap
     assert "add per-layer to --baselines" in " ".join(
         capsys.readouterr().err.replace("│", " ").split())
     assert not (tmp_path / "nb").exists()
+
+
+def test_preset_expands_to_its_flags_and_given_flags_win():
+    from lgsae.config import PipelineConfig, parse
+    from lgsae.train import PRESETS, expand_preset
+
+    argv = expand_preset(["--out", "x", "--preset", "paper-table", "--tokens", "950000"])
+    assert argv[:len(PRESETS["paper-table"])] == list(PRESETS["paper-table"])
+    c = parse(PipelineConfig, argv, "t")
+    assert c.train.tokens == 950_000 and c.train.batch == 1024  # given flag wins, preset fills
+    assert c.train.baselines == "per-layer,even,smaller,single"
+    assert c.train.eval_at == "equal-compute" and c.data.model_dtype == "bfloat16"
+    assert expand_preset(["--preset=paper-table"]) == list(PRESETS["paper-table"])
+    with pytest.raises(ValueError, match="choose one of paper-table"):
+        expand_preset(["--preset", "nope"])
+
+
+def test_initialisation_b_dec_at_the_first_batch_mean_and_encoder_norm():
+    """Before the first step b_dec is the mean of the first batch's kept rows in the scaled space
+    (each row times its member layer's scale); encoder rows start at --encoder-norm times the
+    unit decoder rows; --init-b-dec zero keeps the paper's start."""
+    spec = SAESpec("groups/L00-L02", "groups", [0, 1, 2], 16)
+    scales = {0: 1.0, 1: 0.5, 2: 2.0}
+    cfg = TrainConfig(k=2, batch=64, lr=1e-12)  # a step that barely moves b_dec
+    tr = Trainer([spec], cfg, "x", d_model=8, scales=scales, total_tokens=640)
+    sae = tr.saes[0]
+    assert torch.allclose(sae.encoder.weight.norm(dim=1), torch.full((16,), 0.58))
+    assert torch.allclose(sae.encoder.weight / 0.58, sae.W_dec)
+    g = torch.Generator().manual_seed(3)
+    batch = {v: torch.randn(64, 8, generator=g) * 3 + 5 * v for v in (0, 1, 2)}
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[::5] = False
+    batch["keep"] = keep
+    x, layer = tr._inputs(0, batch, keep)
+    want = (x.double() * torch.tensor([scales[int(v)] for v in layer],
+                                      dtype=torch.float64)[:, None]).mean(0)
+    tr.train_batch(batch)
+    assert torch.allclose(sae.b_dec.double(), want, atol=1e-6)
+    tr.train_batch({**batch, 0: batch[0] + 100})  # only the first batch sets it
+    assert torch.allclose(sae.b_dec.double(), want, atol=1e-6)
+    zero = Trainer([spec], TrainConfig(k=2, batch=64, init_b_dec="zero", encoder_norm=1.0,
+                                       lr=1e-6), "x", d_model=8, scales=scales, total_tokens=640)
+    assert torch.allclose(zero.saes[0].encoder.weight, zero.saes[0].W_dec)
+    zero.train_batch(batch)
+    assert zero.saes[0].b_dec.abs().max() <= 1.01e-6  # one Adam step (of size lr) from zero
