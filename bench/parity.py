@@ -336,10 +336,20 @@ def main(cfg: ParityConfig) -> dict:
         _write(cfg.out, result)
     result["seconds"] = time.perf_counter() - t0
     _write(cfg.out, result)
-    for name, s in result["summary"].items():
-        print(f"{name:45s} FVU {s['fvu']:.4f} ± {s['fvu_sd']:.4f}  L0 {s['l0']:.1f}  "
-              f"never fire {s['never_fire_pct']:.1f} %")
+    cfg.out.with_suffix(".md").write_text(table(result))
+    print(table(result))
     return result
+
+
+def table(result: dict) -> str:
+    """The markdown table of a results JSON: mean ± sd over seeds per configuration."""
+    rows = ["| trainer, settings | held-out FVU | never fire on held-out % | dead in train "
+            "window % | L0 |", "|---|---|---|---|---|"]
+    for name, s in result["summary"].items():
+        rows.append(f"| {name} | {s['fvu']:.4f} ± {s['fvu_sd']:.4f} | "
+                    f"{s['never_fire_pct']:.1f} ± {s['never_fire_pct_sd']:.1f} | "
+                    f"{s['train_dead_pct']:.1f} | {s['l0']:.0f} |")
+    return "\n".join(rows) + "\n"
 
 
 def _split_names(spec: str) -> list[str]:

@@ -260,7 +260,8 @@ def _check(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dead_mask: Te
                          f"and fp64 (cast the input to the SAE's dtype); got {x.dtype}, "
                          f"{W_enc.dtype}, {b_enc.dtype}, {b_dec.dtype}")
     for name, t in (("x", x), ("b_enc", b_enc), ("b_dec", b_dec), ("dead_mask", dead_mask)):
-        if t is not None and t.device != W_enc.device:
+        if t is not None and t.device != W_enc.device and not (name == "dead_mask" and
+                                                                t.device.type == "cpu"):
             raise ValueError(f"{name} is on {t.device} but W_enc on {W_enc.device}: move it")
     if not W_enc.is_contiguous():
         raise ValueError("W_enc must be contiguous (call .contiguous() once after loading)")
@@ -338,8 +339,9 @@ def topk_encode(
         raise ValueError(f"k must be in [1, {M}] (the number of latents), got {k}")
     dead_ids, kk = None, 0
     if dead_mask is not None and k_aux > 0:
-        # one host sync: the AuxK output's width depends on the number of dead latents
-        dead_ids = dead_mask.nonzero().squeeze(1)
+        # the AuxK output's width depends on the number of dead latents: one host sync for a
+        # device mask, none for a host mask (what the trainer passes)
+        dead_ids = dead_mask.nonzero().squeeze(1).to(x.device, non_blocking=True)
         kk = min(k_aux, dead_ids.numel())
     if x.dtype == torch.float64 or candidate_width(k) > MAX_FUSED_K:
         return _reference_by_rows(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)

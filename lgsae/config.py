@@ -256,8 +256,7 @@ class ExportConfig:
 
 @dataclass
 class BrowseConfig:
-    """Build a static site to look at every latent of a run: its top and random held-out
-    activations by member layer, firing frequency, layer shares and logit lens."""
+    """Build a static site showing every latent of a run's SAEs (examples by layer, logit lens)."""
 
     run: Positional[str]
     """The run folder (as written by python -m lgsae.train)."""

@@ -91,7 +91,8 @@ def topk_encode(
     aux_acts = x.new_empty(N, 0)
     aux_idx = top_idx.new_empty(N, 0)
     if dead_mask is not None and k_aux > 0:
-        dead = dead_mask.nonzero().squeeze(1)
+        # a host mask (the trainer's) gives the indices without a device read
+        dead = dead_mask.nonzero().squeeze(1).to(pre.device, non_blocking=True)
         kk = min(k_aux, dead.numel())
         if kk > 0:
             # Gather only the dead columns: cheaper than masking all N×M entries when few are dead.
@@ -236,7 +237,7 @@ def dense_sae_forward(
     num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
     if k_aux > 0 and num_dead > 0:
         kk = min(k_aux, num_dead)
-        masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
+        masked = torch.where(dead_mask.to(pre.device), pre, torch.full_like(pre, -torch.inf))
         a_vals, a_idx = masked.topk(kk, dim=1, sorted=False)
         e_hat = torch.zeros_like(pre).scatter(1, a_idx, a_vals) @ W_dec
         auxk = (e_hat.to(acc) - resid.detach()).pow(2).sum() / total_var

@@ -195,7 +195,8 @@ class GroupSAE(nn.Module):
             # when fewer latents are dead than k_aux.
             e_hat = ops.sparse_decode(aux_idx, aux_acts, W_dec).to(acc)
             # on the device (no host read): min(#dead / k_aux, 1), in the loss dtype
-            weight = (dead_mask.sum().double() / self.k_aux).clamp(max=1.0).to(acc)
+            weight = (dead_mask.sum().double() / self.k_aux).clamp(max=1.0).to(
+                resid.device, acc, non_blocking=True)
             auxk = weight * (e_hat - resid.detach()).pow(2).sum() / total_var
         else:
             auxk = fvu.new_zeros(())

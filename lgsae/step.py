@@ -54,22 +54,35 @@ def make_optimizer(sae: GroupSAE, lr: float | None = None) -> torch.optim.Adam:
         return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), foreach=True)
 
 
+def is_fused(opt: torch.optim.Optimizer) -> bool:
+    """Whether `opt` is a fused Adam (one kernel over all parameters; honours found_inf)."""
+    return isinstance(opt, torch.optim.Adam) and bool(opt.defaults.get("fused"))
+
+
 def train_step(sae: GroupSAE, opt: torch.optim.Optimizer, x: Tensor, *,
                layer: int | Tensor | None = None, dead_mask: Tensor | None = None,
                forward: Callable[..., ForwardOutput] | None = None,
                total_variance: Tensor | None = None,
-               grad_sync: Callable[[GroupSAE], None] | None = None) -> ForwardOutput:
+               grad_sync: Callable[[GroupSAE], None] | None = None,
+               lazy_check: bool = False) -> ForwardOutput:
     """One optimisation step on the batch x [N, D]; returns the forward output (losses detached).
 
     `forward` replaces `sae.forward` (same signature): the benchmarks pass the dense twin.
     Data parallel: x is this rank's part of the batch, `total_variance` the whole batch's FVU
     denominator, and `grad_sync(sae)` sums the gradients over the ranks right after backward, so
     every rank takes the step that one process would take on the whole batch.
+
+    A non-finite loss never reaches the weights. By default it is checked on the host before the
+    backward (a FloatingPointError; one device read). With `lazy_check` and a fused Adam the check
+    stays on the device: the optimizer skips its update (weights and Adam state untouched) when
+    the loss is not finite, and the caller reads the returned losses later (the trainer does, in
+    its one device-to-host copy per step) and stops the run there.
     """
     kw = {} if total_variance is None else {"total_variance": total_variance}
     out = (forward or sae)(x, layer=layer, dead_mask=dead_mask, **kw)
     loss = out.fvu + AUXK_COEF * out.auxk_loss
-    if not bool(torch.isfinite(loss)):  # never let one bad batch write NaN/inf into the weights
+    lazy = lazy_check and is_fused(opt)
+    if not lazy and not bool(torch.isfinite(loss)):
         raise FloatingPointError(
             f"non-finite loss (fvu={out.fvu.item():.4g}, auxk={out.auxk_loss.item():.4g}) on a "
             f"batch of {x.reshape(-1, x.shape[-1]).shape[0]} tokens: the batch needs >= 2 tokens "
@@ -80,7 +93,16 @@ def train_step(sae: GroupSAE, opt: torch.optim.Optimizer, x: Tensor, *,
         grad_sync(sae)
     sae.project_decoder_grad_()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), CLIP_NORM, foreach=True)
-    opt.step()
+    if lazy:
+        # fused Adam skips the whole update on the device when found_inf != 0 (GradScaler's hook)
+        opt.found_inf = (~torch.isfinite(loss.detach())).float()
+        opt.grad_scale = None
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf, opt.grad_scale
+    else:
+        opt.step()
     sae.renorm_decoder_()
     return ForwardOutput(out.recon.detach(), out.top_acts.detach(), out.top_indices,
                          out.fvu.detach(), out.auxk_loss.detach())

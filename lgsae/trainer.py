@@ -8,6 +8,7 @@ lgsae.checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -84,6 +85,9 @@ class Trainer:
         self.layer_tokens = [torch.zeros(len(s.layers), dtype=torch.int64, device=device)
                              for s in self.specs]
         self.seconds = [0.0] * len(self.specs)
+        # the finiteness guard without a device read (fused Adam skips a bad update on the device;
+        # train_batch reads the losses in its one copy per step); on the CPU the read is free
+        self.lazy_check = self.device.type == "cuda"
         self._laps: list[tuple] = []  # CUDA (sae, start, end) events not yet added to seconds
         self.step, self.tokens, self.kept = 0, 0, 0  # stream positions, of which trained on
         self.layers = sorted({v for s in self.specs for v in s.layers})
@@ -178,15 +182,17 @@ class Trainer:
         if self.step == 0 and self.cfg.init_b_dec == "mean":
             self._init_b_dec(inputs)
         tvs = self._total_variances(inputs)
-        fvus, fired = [], []
+        fvus, auxks, fired = [], [], []
         for i, sae in enumerate(self.saes):
             x, layer = inputs[i]
-            dead = self.dead_latents(i)  # decided on the host, where the counters live
+            # the dead mask stays on the host, where the counters live: the AuxK branch and its
+            # dead-latent indices are decided there, with no device read
+            dead = self.dead_latents(i)
             start = self._clock()
             out = train_step(sae, self.opts[i], x, layer=layer,
-                             dead_mask=dead.to(self.device) if bool(dead.any()) else None,
+                             dead_mask=dead if bool(dead.any()) else None,
                              total_variance=tvs[i], grad_sync=self._sync_grads if self.dp
-                             else None)
+                             else None, lazy_check=self.lazy_check)
             self._lap(i, start)
             # which latents fired, counted on the device (no boolean indexing: no host sync)
             f = torch.zeros(sae.num_latents, dtype=torch.int32, device=self.device)
@@ -194,12 +200,22 @@ class Trainer:
             fired.append(f)
             self._count_by_layer(i, inputs[i][1].to(self.device), out)
             fvus.append(out.fvu.detach().double())
-        # one device -> host copy per step for every SAE's firing flags and FVU
-        sizes = [f.numel() for f in fired]
-        flat = torch.cat([torch.cat(fired).double(), torch.stack(fvus)]).cpu()
+            auxks.append(out.auxk_loss.detach().double())
+        # one device -> host copy per step for every SAE's firing flags, FVU and AuxK loss
+        sizes, S = [f.numel() for f in fired], len(self.saes)
+        flat = torch.cat([torch.cat(fired).double(), torch.stack(fvus),
+                          torch.stack(auxks)]).cpu()
         fired = [(t > 0).to(torch.uint8) for t in flat[:sum(sizes)].split(sizes)]
-        fvu = flat[sum(sizes):]
+        fvu, auxk = flat[sum(sizes):sum(sizes) + S], flat[sum(sizes) + S:]
         self._settle()  # the copy waited for the step: the timing events are complete
+        bad = [i for i in range(S) if not (math.isfinite(fvu[i]) and math.isfinite(auxk[i]))]
+        if bad:  # lazy_check: the optimizer skipped these SAEs' updates on the device
+            i = bad[0]
+            raise FloatingPointError(
+                f"non-finite loss (fvu={float(fvu[i]):.4g}, auxk={float(auxk[i]):.4g}) for "
+                f"{self.specs[i].name} (layers {self.specs[i].layers}) in step {self.step}: its "
+                "update was skipped, so the weights are those of the step before; the batch "
+                "needs >= 2 tokens with non-zero variance and finite activations")
         if self.dp:  # a latent fired if it fired on any rank; the FVU parts add up
             self.dist.all_reduce_many_(fired, "max")
             self.dist.all_reduce_(fvu)

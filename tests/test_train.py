@@ -274,15 +274,55 @@ def test_host_reads_in_the_sae_step_are_the_known_ones():
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:10] = True
     x = torch.randn(128, 32)
-    for layers, layer, expected in (([3], 3, ["_local_scalar_dense", "nonzero"]),
-                                    ([0, 1], torch.randint(0, 2, (128,)),
-                                     ["_local_scalar_dense", "_local_scalar_dense", "nonzero"])):
+    # with lazy_check (what the trainer uses on CUDA) the finiteness guard reads nothing; the
+    # group SAE's read is the per-token layers' validation, and the nonzero is AuxK's dead
+    # indices: both on host tensors in the trainer (free there; on the device on CUDA they
+    # would be syncs), so on CUDA a trainer step reads nothing back before its one copy
+    for layers, layer, lazy, expected in (
+            ([3], 3, False, ["_local_scalar_dense", "nonzero"]),
+            ([3], 3, True, ["nonzero"]),
+            ([0, 1], torch.randint(0, 2, (128,)), False,
+             ["_local_scalar_dense", "_local_scalar_dense", "nonzero"]),
+            ([0, 1], torch.randint(0, 2, (128,)), True, ["_local_scalar_dense", "nonzero"])):
         sae = GroupSAE(32, k=4, num_latents=64, layers=layers, seed=0)
         opt = make_optimizer(sae)
         train_step(sae, opt, x, layer=layer, dead_mask=dead)  # warm-up (lazy state)
         with Count() as c:
-            train_step(sae, opt, x, layer=layer, dead_mask=dead)
-        assert sorted(c.calls) == expected, (layers, c.calls)
+            train_step(sae, opt, x, layer=layer, dead_mask=dead, lazy_check=lazy)
+        assert sorted(c.calls) == expected, (layers, lazy, c.calls)
+
+
+def test_lazy_finiteness_guard_skips_the_update_and_stops_the_run():
+    """lazy_check: a non-finite loss makes the fused Adam skip the update on the device (weights
+    and Adam state as before); the trainer then stops, naming the SAE, its layers and the step."""
+    from lgsae.step import is_fused, make_optimizer, train_step
+
+    sae = GroupSAE(16, k=2, num_latents=32, layers=[0], seed=0)
+    opt = make_optimizer(sae)
+    assert is_fused(opt)  # torch's fused Adam runs on the CPU too
+    train_step(sae, opt, torch.randn(64, 16), layer=0, lazy_check=True)  # a good step
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    adam = {k: v.clone() for k, v in opt.state[sae.W_dec].items()}
+    flat = torch.ones(64, 16)  # zero variance: FVU = 0/0
+    out = train_step(sae, opt, flat, layer=0, lazy_check=True)
+    assert not torch.isfinite(out.fvu)
+    for k, v in sae.state_dict().items():  # W_dec: renormed rows that were unit already
+        assert torch.allclose(v, before[k], rtol=0, atol=1e-6 if k == "W_dec" else 0), k
+    for k, v in opt.state[sae.W_dec].items():
+        assert torch.equal(v, adam[k]), k
+    with pytest.raises(FloatingPointError, match="the step was not taken"):
+        train_step(sae, opt, flat, layer=0)  # the eager guard, before the backward
+
+    spec = SAESpec("per-layer/L00", "per-layer", [0], 32)
+    tr = Trainer([spec], TrainConfig(k=2, batch=64), "x", d_model=16, scales={0: 1.0},
+                 total_tokens=640)
+    tr.lazy_check = True  # as on CUDA
+    tr.train_batch({0: torch.randn(64, 16)})
+    kept = {k: v.clone() for k, v in tr.saes[0].state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"per-layer/L00 \(layers \[0\]\) in step 1"):
+        tr.train_batch({0: flat})
+    for k, v in tr.saes[0].state_dict().items():
+        assert torch.allclose(v, kept[k], rtol=0, atol=1e-6 if k == "W_dec" else 0), k
 
 
 def test_eval_at_milestones_evaluate_per_layer_saes_part_way(tiny, tmp_path, monkeypatch):
