@@ -307,33 +307,27 @@ def main(cfg: ParityConfig) -> dict:
               "positions, norm <= 50x median", "defaults": {
                   k: getattr(TrainConfig, k) for k in ("init_b_dec", "encoder_norm", "lr_scale")},
               "dead_window": window, "runs": {}, "summary": {}}
-    for name in names:
+    def over_seeds(label: str, train) -> None:  # train(seed) -> (recon, info)
         runs = []
         for seed in range(cfg.seeds):
             t = time.perf_counter()
-            recon, info, _ = train_ours(cfg, data, seed, VARIANTS[name])
+            recon, info = train(seed)
             runs.append({"seed": seed, **info, **held_out(recon, data, M),
                          "seconds": time.perf_counter() - t})
-            print(f"lgsae {name} seed {seed}: {runs[-1]}", flush=True)
-        result["runs"][f"lgsae {name}"] = runs
-        result["summary"][f"lgsae {name}"] = _summary(runs)
+            print(f"{label} seed {seed}: {runs[-1]}", flush=True)
+        result["runs"][label], result["summary"][label] = runs, _summary(runs)
         _write(cfg.out, result)
+
+    for name in names:
+        over_seeds(f"lgsae {name}", lambda seed: train_ours(cfg, data, seed, VARIANTS[name])[:2])
     for run in [s.strip() for s in cfg.sparsify.split(",") if s.strip()]:
         schedule, _, factor = run.partition("@x")
         if schedule not in ("constant", "default"):
             raise SystemExit(f"--sparsify: unknown schedule {schedule!r} (constant, default)")
         factor = float(factor or 1)
         label = schedule + (f" lr x{factor:g}" if factor != 1 else " lr")
-        runs = []
-        for seed in range(cfg.seeds):
-            t = time.perf_counter()
-            recon, info = train_sparsify(cfg, data, seed, schedule, window, factor)
-            runs.append({"seed": seed, **info, **held_out(recon, data, M),
-                         "seconds": time.perf_counter() - t})
-            print(f"sparsify {label} seed {seed}: {runs[-1]}", flush=True)
-        result["runs"][f"sparsify 1.3.3, {label}"] = runs
-        result["summary"][f"sparsify 1.3.3, {label}"] = _summary(runs)
-        _write(cfg.out, result)
+        over_seeds(f"sparsify 1.3.3, {label}", lambda seed: train_sparsify(
+            cfg, data, seed, schedule, window, factor))
     result["seconds"] = time.perf_counter() - t0
     _write(cfg.out, result)
     cfg.out.with_suffix(".md").write_text(table(result))
