@@ -33,8 +33,13 @@ KA-wide merge on every tile whatever the number of dead latents (in the sm_90 SA
 plus a 256-wide set: 3.6x the instructions per pre-activation of the top-k alone), while a few
 percent of latents are dead in a healthy run.
 
-Limits, never silent: the fused kernel holds KP (or KA) ≤ MAX_FUSED_K (256) keys per row in
-registers. Larger k runs the reference (cuBLAS GEMM + torch.topk) in row chunks, so its N×M buffer
+Limits, never silent: the fused kernel holds KP ≤ MAX_FUSED_K (256) keys per row in registers,
+and KA as many, or up to MAX_FUSED_AUX_16BIT (512) with 16-bit inputs: compiled for sm_80/sm_90
+(D % 16, key32, 8 warps), that AuxK sweep takes 255/212 registers with no spills and 135 KB of
+shared memory (A100: 164 KB, H100/H200: 227 KB; sm_86/89 lack it and fall back, warned); in fp32
+the same tiles need 275 KB of shared memory, more than any of them has, and 16 warps halve the
+registers per thread but spill (16-176 bytes of stack); so the paper's k_aux = 384 runs fused in
+bf16 (the CUDA default) and on the unfused path in fp32. Larger k runs the reference (cuBLAS GEMM + torch.topk) in row chunks, so its N×M buffer
 is bounded to about FALLBACK_ELEMENTS; a larger min(k_aux, #dead) keeps the fused top-k and runs
 the AuxK selection that way on the dead latents' rows of W_enc only. fp64 inputs (gradient checks)
 run the reference: an fp64 value does not fit the packed key. A NaN pre-activation (positive NaN,
@@ -61,6 +66,7 @@ from lgsae import reference
 from lgsae.reference import EncodeOut
 
 MAX_FUSED_K = 256  # largest KP (and KA) the fused kernel keeps in registers without spilling
+MAX_FUSED_AUX_16BIT = 512  # largest KA with 16-bit inputs (see the module docstring)
 MIN_WIDTH = 16  # smallest KP / KA compiled
 FALLBACK_ELEMENTS = 1 << 26  # pre-activations per row chunk on the fallback path (256 MB fp32)
 SEGMENT_BLOCK = 32  # pairs per step of the db_enc segment sum (one warp)
@@ -228,6 +234,11 @@ def candidate_width(k: int) -> int:
     return max(triton.next_power_of_2(k), MIN_WIDTH)
 
 
+def max_aux_width(dtype: torch.dtype) -> int:
+    """Widest AuxK candidate set the fused kernel takes for inputs of `dtype`."""
+    return MAX_FUSED_AUX_16BIT if dtype in (torch.float16, torch.bfloat16) else MAX_FUSED_K
+
+
 def block_config(D: int, KP: int) -> dict:
     """Tiles for one sweep of the fused forward with candidate width KP.
 
@@ -239,8 +250,8 @@ def block_config(D: int, KP: int) -> dict:
     them against alternatives. On sm_90 only BLOCK_N = 64 tiles compile to wgmma (HGMMA);
     BLOCK_N ≤ 32 use mma.sync (HMMA).
     """
-    if KP > MAX_FUSED_K:
-        raise ValueError(f"KP = {KP} exceeds MAX_FUSED_K = {MAX_FUSED_K}")
+    if KP > MAX_FUSED_AUX_16BIT:
+        raise ValueError(f"KP = {KP} exceeds MAX_FUSED_AUX_16BIT = {MAX_FUSED_AUX_16BIT}")
     block_n = 64 if KP <= 32 else 32 if KP <= 128 else 16
     return {"BLOCK_N": block_n, "BLOCK_M": max(KP, 64),
             "BLOCK_D": min(max(triton.next_power_of_2(D), 16), 64), "num_warps": 8}
@@ -353,7 +364,7 @@ def topk_encode(
     if kk > 0:
         # a second sweep over the dead latents only: its cost scales with their number, and the
         # top-k sweep keeps its own (narrower) tiles
-        fits = candidate_width(kk) <= MAX_FUSED_K
+        fits = candidate_width(kk) <= max_aux_width(x.dtype)
         aux = _sweep(x, W_enc, b_enc, b_dec, kk, dead_ids, None) if fits else None
         if aux is None:  # too wide for registers (or for this GPU): reference on the dead rows
             acts, j = _reference_by_rows(x, W_enc[dead_ids], b_enc[dead_ids], b_dec, kk)[:2]

@@ -301,7 +301,8 @@ def test_topk_encode_matches_reference(shape, dtype, small_encode_tiles):
 
 @interpreter
 def test_topk_encode_heuristic_tiles():
-    widths = sorted({ENCODE.candidate_width(k) for k in range(1, ENCODE.MAX_FUSED_K + 1)})
+    widths = sorted({ENCODE.candidate_width(k) for k in
+                     range(1, ENCODE.MAX_FUSED_AUX_16BIT + 1)})
     last_n = None
     for KP in widths:
         for D in (8, 48, 576, 2304):
@@ -315,8 +316,8 @@ def test_topk_encode_heuristic_tiles():
     # the default shape (K = 32, D = 576): the tiles the AOT occupancy check compiles
     assert ENCODE.block_config(576, ENCODE.candidate_width(32)) == \
         {"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "num_warps": 8}
-    with pytest.raises(ValueError, match="exceeds MAX_FUSED_K"):
-        ENCODE.block_config(576, 2 * ENCODE.MAX_FUSED_K)
+    with pytest.raises(ValueError, match="exceeds MAX_FUSED_AUX_16BIT"):
+        ENCODE.block_config(576, 2 * ENCODE.MAX_FUSED_AUX_16BIT)
     encode_case(ENCODE, 5, 48, 64, 20, "some", 10, False, torch.float32)  # one 64-latent tile
 
 
@@ -354,6 +355,21 @@ def test_topk_encode_wide_k_falls_back(monkeypatch, small_encode_tiles):
     got, want = ENCODE.topk_encode(x, W, b, bd, 4), reference.topk_encode(x, W, b, bd, 4)
     assert_close(got.top_acts.sort(1).values, want.top_acts.sort(1).values, atol=1e-12,
                  name="fp64 (reference path)")
+
+
+@interpreter
+def test_topk_encode_wide_auxk_is_fused_for_16_bit_inputs(monkeypatch, small_encode_tiles):
+    """min(k_aux, #dead) in (256, 512]: one fused AuxK sweep at width 512 for fp16/bf16 inputs
+    (the paper's k_aux = 384), the reference on the dead rows for fp32; both right."""
+    widths = []
+    sweep = ENCODE._sweep
+    monkeypatch.setattr(ENCODE, "_sweep", lambda x, W, b, bd, k, ids, cfg: widths.append(
+        (ENCODE.candidate_width(k), ids is not None)) or sweep(x, W, b, bd, k, ids, cfg))
+    for dtype, fused in ((torch.float16, True), (torch.float32, False)):
+        widths.clear()
+        out = encode_case(ENCODE, 3, 48, 320, 4, "all", 300, False, dtype)
+        assert out.aux_acts.shape == (3, 300)
+        assert ((512, True) in widths) == fused, (dtype, widths)
 
 
 @interpreter
@@ -443,7 +459,8 @@ def test_topk_encode_nan_latent(small_encode_tiles):
 
 
 # the paper's shape (N=16384, D=768, M=12288, K=32 and 128) with 1% dead (AuxK fused) and a third
-# dead (k_aux=384 > MAX_FUSED_K: AuxK on the reference path); K=300 (top-k on the reference path)
+# dead (k_aux=384: AuxK fused at width 512 in fp16/bf16, on the reference path in fp32); K=300
+# (top-k on the reference path)
 PAPER_ENCODE_SHAPES = [
     (16384, 768, 12288, 32, "1pct", 384, False),
     (16384, 768, 12288, 128, "1pct", 384, False),
