@@ -153,7 +153,7 @@ class GroupSAE(nn.Module):
             if bool(bad.any()):
                 raise ValueError(f"layer {int(layer[bad][0])} is not served by this SAE "
                                  f"(layers {self.layers})")
-            return self.scales[pos.to(self.scales.device)].unsqueeze(1)
+            return self.scales[pos.to(self.scales.device, non_blocking=True)].unsqueeze(1)
         layer = int(layer)
         _check(layer in self.layers,
                f"layer {layer} is not served by this SAE (layers {self.layers})")

@@ -177,7 +177,8 @@ class Trainer:
         kept = n if keep is None else int(keep.sum())  # not special-token positions
         # rows on the device; each row's layer stays on the host for the forward (validated
         # there without a device read) and goes to the device for the firing counts
-        inputs = [(x.to(self.device), layer)
+        # host -> device copies without a stream sync (pageable memory is staged at once)
+        inputs = [(x.to(self.device, non_blocking=True), layer)
                   for x, layer in (self._inputs(i, batch, keep) for i in range(len(self.saes)))]
         if self.step == 0 and self.cfg.init_b_dec == "mean":
             self._init_b_dec(inputs)
@@ -198,7 +199,7 @@ class Trainer:
             f = torch.zeros(sae.num_latents, dtype=torch.int32, device=self.device)
             f.index_add_(0, out.top_indices.reshape(-1), (out.top_acts > 0).reshape(-1).int())
             fired.append(f)
-            self._count_by_layer(i, inputs[i][1].to(self.device), out)
+            self._count_by_layer(i, inputs[i][1].to(self.device, non_blocking=True), out)
             fvus.append(out.fvu.detach().double())
             auxks.append(out.auxk_loss.detach().double())
         # one device -> host copy per step for every SAE's firing flags, FVU and AuxK loss

@@ -31,7 +31,7 @@ def site(tmp_path_factory):
     train(["--model", model, "--dataset", text, "--tokens", "2048", "--eval-tokens", "128",
            "--stat-tokens", "256", "--ctx", "32", "--batch", "256", "--buffer-tokens", "1024",
            "--expansion", "2", "--k", "4", "--checkpoint-minutes", "0", "--out", str(run),
-           "--no-progress", "--groups", "0-2;3", "--eval-tokens", "128"])
+           "--no-progress", "--groups", "0-2;3", "--no-browse"])
     info = build(run, d / "site", tokens=512, top=5, n_random=2, progress=False)
     mp.undo()
     return {"run": run, "site": Path(info["path"]), "info": info, "model": model}

@@ -29,7 +29,7 @@ def job(tmp_path_factory):
              "--dataset", write_texts(d / "t.jsonl", n_docs=300), "--tokens", "2048",
              "--eval-tokens", "128", "--stat-tokens", "256", "--ctx", "32", "--batch", "256",
              "--buffer-tokens", "1024", "--expansion", "2", "--k", "4",
-             "--checkpoint-minutes", "0", "--keep-checkpoint", "--no-progress"]
+             "--checkpoint-minutes", "0", "--keep-checkpoint", "--no-progress", "--no-browse"]
 
     def launch(out, *extra, procs=1, script=None, check=True):
         """Run the pipeline in `out` (1 process, or `procs` under torchrun); same threads."""

@@ -50,3 +50,24 @@ def test_every_kernel_passes_its_self_check_on_this_gpu(dtype):
     bad = [r for r in selfcheck.RESULTS if not r["ok"]]
     assert not bad, bad
     print("self-check seconds:", {r["op"]: round(r["seconds"], 4) for r in selfcheck.RESULTS})
+
+
+def test_a_trainer_sae_step_does_not_sync_with_the_device():
+    """What the trainer runs per SAE on CUDA (lazy finiteness guard, host dead mask, host
+    per-token layers) makes no host-device sync: torch raises on any under sync debug mode."""
+    D, M = 64, 512
+    sae = GroupSAE(D, k=8, num_latents=M, layers=[0, 1], seed=0, device="cuda",
+                   compute_dtype=torch.bfloat16)
+    opt = make_optimizer(sae)
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[:300] = True  # AuxK at width 512 (16-bit inputs)
+    x = torch.randn(1024, D).cuda()
+    layer = torch.randint(0, 2, (1024,))  # on the host, as the trainer keeps it
+    train_step(sae, opt, x, layer=layer, dead_mask=dead, lazy_check=True)  # warm-up, self-check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = train_step(sae, opt, x, layer=layer, dead_mask=dead, lazy_check=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.fvu) and out.auxk_loss > 0

@@ -138,7 +138,7 @@ def flags(tiny, out, *extra, tokens=4096):
     return ["--model", tiny["model"], "--dataset", tiny["text"], "--tokens", str(tokens),
             "--eval-tokens", "64", "--stat-tokens", "256", "--ctx", "32", "--batch", "128",
             "--buffer-tokens", "512", "--expansion", "2", "--k", "4", "--out", str(out),
-            "--no-progress", *extra]
+            "--no-progress", "--no-browse", *extra]
 
 
 def sae_bytes(run: Path) -> dict[str, bytes]:
@@ -274,7 +274,7 @@ def test_memory_and_disk_do_not_grow_with_tokens(tmp_path):
         argv = ["--model", str(model_dir), "--dataset", text, "--tokens", str(tokens),
                 "--eval-tokens", "64", "--stat-tokens", "512", "--ctx", "64", "--batch", "512",
                 "--buffer-tokens", "2048", "--expansion", "1", "--k", "4", "--act-dtype",
-                "float32", "--baselines", "none", "--out", str(out), "--no-progress",
+                "float32", "--baselines", "none", "--out", str(out), "--no-progress", "--no-browse",
                 "--checkpoint-minutes", "0", "--keep-checkpoint"]  # the checkpoint is measured
         proc = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True,
                               text=True, env={**os.environ, "LGSAE_CACHE": str(tmp_path / "c")})

@@ -44,12 +44,14 @@ def flags(tiny, out, *extra):
     return ["--model", tiny["model"], "--dataset", tiny["text"], "--tokens", "2048",
             "--eval-tokens", "128", "--stat-tokens", "256", "--ctx", "32", "--batch", "256",
             "--buffer-tokens", "1024", "--expansion", "2", "--k", "4", "--checkpoint-minutes",
-            "0", "--out", str(out), "--no-progress", *extra]
+            "0", "--out", str(out), "--no-progress",
+            *(() if "--browse" in extra else ("--no-browse",)), *extra]
 
 
 def test_end_to_end_writes_every_output(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
-    metrics = main(flags(tiny, tmp_path / "run", "--baselines", "per-layer,even,smaller,single"))
+    metrics = main(flags(tiny, tmp_path / "run", "--baselines", "per-layer,even,smaller,single",
+                         "--browse"))
     run = tmp_path / "run"
     for f in ("run.json", "groups.json", "metrics.json", "report.md", "per_layer.png",
               "distances.png", "dendrogram.png", "amad.png"):
