@@ -186,16 +186,14 @@ def _windows(top, rand, idx, acts, ctx: int, n: int) -> dict:
     offs = torch.arange(-before, after + 1)
     out = {}
     for m in range(len(idx)):
-        sel = t[t[:, 0] == m]
-        if not sel.numel():
-            continue
-        rows = sel[:, 1:2] + offs  # [E, W]
-        same = (rows // ctx == sel[:, 1:2] // ctx) & (rows >= 0) & (rows < n)
-        rows = rows.clamp(0, n - 1)
-        hit = idx[m][rows] == sel[:, 2, None, None]  # [E, W, K]
-        val = (acts[m][rows] * hit).sum(-1) * same  # [E, W]
-        for (mm, r, j), v in zip(sel.tolist(), val.tolist()):
-            out[(mm, r, j)] = [(o, a) for o, a in zip(offs.tolist(), v) if a > 0]
+        for sel in t[t[:, 0] == m].split(8192):  # [E, W, K] temporaries stay ~100 MB
+            rows = sel[:, 1:2] + offs  # [E, W]
+            same = (rows // ctx == sel[:, 1:2] // ctx) & (rows >= 0) & (rows < n)
+            rows = rows.clamp(0, n - 1)
+            hit = idx[m][rows] == sel[:, 2, None, None]  # [E, W, K]
+            val = (acts[m][rows] * hit).sum(-1) * same  # [E, W]
+            for (mm, r, j), v in zip(sel.tolist(), val.tolist()):
+                out[(mm, r, j)] = [(o, a) for o, a in zip(offs.tolist(), v) if a > 0]
     return out
 
 
