@@ -68,7 +68,7 @@ def run_saes(run: Path, methods: str = "all", device="cpu") -> list[tuple[str, s
 def held_out_ids(flags: dict, tok, n_ctx: int) -> torch.Tensor:
     """[contexts, ctx] held-out token ids: the run's evaluation contexts, then the contexts after
     its training stream (never the statistics prefix or training text), up to n_ctx."""
-    from lgsae.data import count_contexts
+    from lgsae.data import iter_contexts
     from lgsae.sources import context_batches, make_layout
 
     ctx = flags["ctx"]
@@ -82,13 +82,12 @@ def held_out_ids(flags: dict, tok, n_ctx: int) -> torch.Tensor:
     parts = list(context_batches(tok, text, ctx=ctx, start=layout.stat_contexts, count=first,
                                  per=64))
     more = n_ctx - first
-    if more > 0:
-        have = count_contexts(tok, text["dataset"], ctx_len=ctx, start=layout.total_contexts,
-                              limit=more, text_column=text["text_column"], seed=text["seed"]) \
-            if more else 0
-        if have:
-            parts += list(context_batches(tok, text, ctx=ctx, start=layout.total_contexts,
-                                          count=have, per=64))
+    if more > 0:  # one pass to the end of the training stream, then as many as the text has
+        after = iter_contexts(tok, text["dataset"], ctx_len=ctx, start=layout.total_contexts,
+                              text_column=text["text_column"], seed=text["seed"])
+        rows = [row for _, row in zip(range(more), after)]
+        if rows:
+            parts.append(torch.stack(rows))
     return torch.cat(parts)
 
 
@@ -104,7 +103,7 @@ def _unembedding(model) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if isinstance(w, torch.Tensor):
             gamma = w.detach().float()
             break
-    return head.weight.detach().float().cpu(), None if gamma is None else gamma.cpu()
+    return head.weight.detach().float(), gamma
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -200,9 +199,10 @@ def _windows(top, rand, idx, acts, ctx: int, n: int) -> dict:
 def _logit_lens(sae: GroupSAE, W_U, gamma, n: int = 8) -> list[list] | None:
     if W_U is None or W_U.shape[1] != sae.d_in:
         return None
-    d = sae.W_dec.detach().float().cpu()  # directions; the layer scale does not change them
+    d = sae.W_dec.detach().float()  # directions; the layer scale does not change them
+    W_U = W_U.to(d.device)  # on the model's device (a GPU for a large vocabulary)
     if gamma is not None:
-        d = d * gamma
+        d = d * gamma.to(d.device)
     out = []
     for lo in range(0, d.shape[0], 1024):
         v, i = torch.topk(d[lo:lo + 1024] @ W_U.T, n, dim=1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -271,10 +272,16 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
         if c.run.browse:  # the latent browser and its three example latents (report.md)
             from lgsae.browse import build
 
-            site = build(out, progress=progress, model=model, tokenizer=tok)
-            metrics["browser"] = {k: site[k] for k in ("bytes", "seconds", "tokens",
-                                                       "examples")}
-            write_json(out / "metrics.json", metrics)
+            try:  # on the held-out contexts: no text beyond what the run has read
+                site = build(out, tokens=layout.eval_contexts * dc.ctx, progress=progress,
+                             model=model, tokenizer=tok)
+            except Exception as e:  # the run's results stand without it
+                warnings.warn(f"lgsae: the latent browser was not built ({e!r}); build it "
+                              f"later with python -m lgsae.browse {out}", stacklevel=1)
+            else:
+                metrics["browser"] = {k: site[k] for k in ("bytes", "seconds", "tokens",
+                                                           "examples")}
+                write_json(out / "metrics.json", metrics)
         write_report(out, metrics, groups)
         print((out / "report.md").read_text().split("\n## ")[1])
         return metrics

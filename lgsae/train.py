@@ -37,7 +37,8 @@ def expand_preset(argv: list[str]) -> list[str]:
         if a == "--preset" or a.startswith("--preset="):
             name = a.split("=", 1)[1] if "=" in a else next(it, None)
             if name not in PRESETS:
-                raise ValueError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}")
+                raise ValueError(f"--preset needs a name, one of {', '.join(PRESETS)}" if not name
+                                 else f"--preset {name!r}: choose one of {', '.join(PRESETS)}")
             preset = name
         else:
             out.append(a)

@@ -87,7 +87,9 @@ class Trainer:
         self.seconds = [0.0] * len(self.specs)
         # the finiteness guard without a device read (fused Adam skips a bad update on the device;
         # train_batch reads the losses in its one copy per step); on the CPU the read is free
-        self.lazy_check = self.device.type == "cuda"
+        # (not data parallel: there a non-finite loss on one rank reaches every rank's summed
+        # gradients, and the eager guard stops the step before the all-reduce)
+        self.lazy_check = self.device.type == "cuda" and not self.dp
         self._laps: list[tuple] = []  # CUDA (sae, start, end) events not yet added to seconds
         self.step, self.tokens, self.kept = 0, 0, 0  # stream positions, of which trained on
         self.layers = sorted({v for s in self.specs for v in s.layers})

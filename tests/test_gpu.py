@@ -56,8 +56,14 @@ def test_a_trainer_sae_step_does_not_sync_with_the_device():
     """What the trainer runs per SAE on CUDA (lazy finiteness guard, host dead mask, host
     per-token layers) makes no host-device sync: torch raises on any under sync debug mode."""
     D, M = 64, 512
+    from lgsae.kernels import topk_encode as ENCODE
+
     sae = GroupSAE(D, k=8, num_latents=M, layers=[0, 1], seed=0, device="cuda",
-                   compute_dtype=torch.bfloat16)
+                   compute_dtype=torch.bfloat16, k_aux=384)
+    widths = []
+    sweep = ENCODE._sweep
+    ENCODE._sweep = lambda x, W, b, bd, k, ids, cfg: widths.append(
+        (ENCODE.candidate_width(k), ids is not None)) or sweep(x, W, b, bd, k, ids, cfg)
     opt = make_optimizer(sae)
     dead = torch.zeros(M, dtype=torch.bool)
     dead[:300] = True  # AuxK at width 512 (16-bit inputs)
@@ -70,4 +76,6 @@ def test_a_trainer_sae_step_does_not_sync_with_the_device():
         out = train_step(sae, opt, x, layer=layer, dead_mask=dead, lazy_check=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+        ENCODE._sweep = sweep
     assert torch.isfinite(out.fvu) and out.auxk_loss > 0
+    assert (512, True) in widths, widths  # min(384, 300 dead) = 300: the 512-wide AuxK sweep

@@ -22,7 +22,11 @@ const LGSAE = (() => {
         state.waiting[key].resolve = resolve;
         const s = document.createElement("script");
         s.src = src;
-        s.onerror = () => reject(new Error("could not load " + src));
+        s.onerror = () => {  // forget it, so that a later visit tries again
+          delete state.waiting[key];
+          s.remove();
+          reject(new Error("could not load " + src));
+        };
         document.body.appendChild(s);
       });
     }
@@ -63,8 +67,18 @@ const LGSAE = (() => {
     show(name, latent);
   }
 
+  let navigation = 0;  // only the latest navigation renders (data files arrive in any order)
+
   async function show(name, latent) {
-    const sum = await summary(name);
+    const mine = ++navigation;
+    let sum;
+    try {
+      sum = await summary(name);
+    } catch (e) {
+      if (mine === navigation) $("detail").innerHTML = `<p class="note">${esc(e.message)}</p>`;
+      return;
+    }
+    if (mine !== navigation) return;
     if (state.sae !== name) {
       state.sae = name;
       $("sae").value = name;
@@ -72,11 +86,24 @@ const LGSAE = (() => {
     }
     if (latent === null || latent >= sum.M) latent = order(sum, "freq")[0];
     state.latent = latent;
+    markSelected(true);
+    let detail;
+    try {
+      detail = (await shard(name, latent))[latent];
+    } catch (e) {
+      if (mine === navigation) $("detail").innerHTML = `<p class="note">${esc(e.message)}</p>`;
+      return;
+    }
+    if (mine === navigation) renderLatent(sum, latent, detail);
+  }
+
+  function markSelected(scroll) {
     for (const r of document.querySelectorAll(".row.sel")) r.classList.remove("sel");
-    const row = document.querySelector(`.row[data-latent="${latent}"]`);
-    if (row) { row.classList.add("sel"); row.scrollIntoView({ block: "nearest" }); }
-    const detail = (await shard(name, latent))[latent];
-    if (state.sae === name && state.latent === latent) renderLatent(sum, latent, detail);
+    const row = document.querySelector(`.row[data-latent="${state.latent}"]`);
+    if (row) {
+      row.classList.add("sel");
+      if (scroll) row.scrollIntoView({ block: "nearest" });
+    }
   }
 
   function order(sum, by) {
@@ -174,7 +201,9 @@ const LGSAE = (() => {
       const row = e.target.closest(".row");
       if (row) location.hash = `${state.sae}/${row.dataset.latent}`;
     };
-    const relist = () => { if (state.sae) summary(state.sae).then(renderList); };
+    const relist = () => {
+      if (state.sae) summary(state.sae).then((sum) => { renderList(sum); markSelected(false); });
+    };
     $("search").oninput = relist;
     $("sort").onchange = relist;
     window.addEventListener("hashchange", route);
