@@ -225,6 +225,13 @@ def _js(call: str, *args) -> str:
     return f"LGSAE.{call}({', '.join(json.dumps(a) for a in args)});\n"
 
 
+def _window(pairs: list[tuple[int, float]], act: float) -> list[int]:
+    """An example's context window as a flat [offset, percent, ...]: the latent's other non-zero
+    activations there, in whole percent of the example's own (offset 0 is the example itself;
+    the page only shades tokens with these, so two digits are plenty and the site stays small)."""
+    return [v for o, x in pairs if o != 0 for v in (o, round(100 * x / act))]
+
+
 def slug(name: str) -> str:
     """A folder name for an SAE name like 'groups/L02-L08'."""
     return name.replace("/", "__")
@@ -232,8 +239,8 @@ def slug(name: str) -> str:
 
 def site_records(name: str, method: str, sae: GroupSAE, rec: dict, lens) -> tuple[dict, list]:
     """(summary, shards) of one SAE: the summary lists every latent (frequency, mean activation,
-    peak layer, share per member layer); shard s details latents s*SHARD ... (examples with
-    their windows, logit lens)."""
+    peak layer, share per member layer); shard s details latents s*SHARD ... (examples
+    [layer, row, activation, window (see _window)], logit lens)."""
     fires, sums = rec["fires"], rec["sum"]
     total = fires.sum(0)
     tokens = sum(rec["tokens"])
@@ -250,8 +257,7 @@ def site_records(name: str, method: str, sae: GroupSAE, rec: dict, lens) -> tupl
     for lo in range(0, sae.num_latents, SHARD):
         part = {}
         for j in range(lo, min(lo + SHARD, sae.num_latents)):
-            ex = {key: [[sae.layers[m], r, _r(a),
-                         [[o, _r(x)] for o, x in rec["windows"].get((m, r, j), [])]]
+            ex = {key: [[sae.layers[m], r, _r(a), _window(rec["windows"].get((m, r, j), []), a)]
                         for m, r, a in rec[key][j]] for key in ("top", "random")}
             if lens is not None:
                 ex["lens"] = [[i, _r(v)] for i, v in lens[j]]

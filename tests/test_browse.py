@@ -62,12 +62,14 @@ def direct(site, sae, ids):
     acts = Forward(model, sae.layers, batch_size=8, store=torch.float32, device="cpu")(ids)
     counts = torch.zeros(len(sae.layers), sae.num_latents, dtype=torch.long)
     best = torch.zeros(sae.num_latents)
-    for m, v in enumerate(sae.layers):
+    dense = {}
+    for v in sae.layers:
         with torch.no_grad():
-            z = sae.encode_dense(acts[v], layer=v)[keep]
-        counts[m] = (z > 0).sum(0)
-        best = torch.maximum(best, z.max(0).values)
-    return counts, best
+            z = sae.encode_dense(acts[v], layer=v)
+        dense[v] = z * keep[:, None]  # [rows, M], left-out positions never fire
+        counts[sae.layers.index(v)] = (dense[v] > 0).sum(0)
+        best = torch.maximum(best, dense[v].max(0).values)
+    return counts, best, dense
 
 
 def test_records_match_a_direct_count(site):
@@ -75,7 +77,7 @@ def test_records_match_a_direct_count(site):
     ids = held_out_ids(flags, load_tokenizer(flags["model"]), 512 // 32)
     for name, _, sae in run_saes(site["run"]):
         summary, detail = records(site, name)
-        counts, best = direct(site, sae, ids)
+        counts, best, dense = direct(site, sae, ids)
         assert summary["count"] == counts.sum(0).tolist(), name
         total = counts.sum(0).clamp(min=1)
         for j in range(sae.num_latents):
@@ -90,8 +92,16 @@ def test_records_match_a_direct_count(site):
             assert len(detail[j]["random"]) <= 2
             tops = {(e[0], e[1]) for e in top}
             assert not tops & {(e[0], e[1]) for e in detail[j]["random"]}
-            for e in top + detail[j]["random"]:  # the window holds the example itself
-                assert [0, e[2]] in e[3]
+            for layer, row, act, w in top + detail[j]["random"]:
+                # the example itself, then its window: the latent's other non-zero activations
+                # in the same context, as [offset, % of the example's activation, ...]
+                assert act == pytest.approx(float(dense[layer][row, j]), rel=1e-2)
+                z = dense[layer][:, j]
+                want = [o for o in range(-10, 5) if o and 0 <= row + o < z.numel() and
+                        (row + o) // 32 == row // 32 and z[row + o] > 0]
+                assert w[0::2] == want
+                for o, p in zip(w[0::2], w[1::2]):
+                    assert p == pytest.approx(100 * float(z[row + o]) / act, abs=1)
         assert "lens" in detail[0] and len(detail[0]["lens"]) == 8
 
 

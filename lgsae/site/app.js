@@ -136,14 +136,15 @@ const LGSAE = (() => {
     const [layer, row, act, window] = ex;
     const ctx = state.meta.ctx, start = row - (row % ctx);
     const [before, after] = state.meta.window;
-    const vals = new Map(window.map(([o, a]) => [o, a]));
+    const vals = new Map([[0, act]]);  // the window: [offset, % of act, ...] besides the example
+    for (let i = 0; i + 1 < window.length; i += 2) vals.set(window[i], (window[i + 1] / 100) * act);
     let html = "";
     for (let o = -before; o <= after; o++) {
       const r = row + o;
       if (r < start || r >= start + ctx || r >= state.ids.length) continue;
       const a = vals.get(o) || 0;
       const alpha = Math.min(1, a / (peakAct || 1)).toFixed(2);
-      html += `<span class="tok${o === 0 ? " at" : ""}" title="${a}" ` +
+      html += `<span class="tok${o === 0 ? " at" : ""}" title="${a.toPrecision(3)}" ` +
               `style="background: rgba(255,140,0,${alpha})">${tokText(state.ids[r])}</span>`;
     }
     return `<div class="ex" data-layer="${layer}" data-act="${act}">` +
