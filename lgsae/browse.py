@@ -266,7 +266,7 @@ def site_records(name: str, method: str, sae: GroupSAE, rec: dict, lens) -> tupl
     return summary, shards
 
 
-def build(run: str | Path, out: str | Path | None = None, *, tokens: int = 16_384,
+def build(run: str | Path, out: str | Path | None = None, *, tokens: int = 8192,
           top: int = 20, n_random: int = 3, methods: str = "all", progress: bool = True,
           model=None, tokenizer=None) -> dict:
     """Write the site for `run` to `out` (default RUN/browser) and the three example latents of
@@ -405,8 +405,8 @@ def plot_examples(pieces: dict, examples: list[tuple[str, int]], ids: list[int],
                  f"mean activation {summary['mean'][j]:.2f}; top contexts:"]
         for layer, row, act, _ in detail["top"][:n_ctx]:
             start = row - row % ctx
-            left, tok = text(max(start, row - 2 * before), row), text(row, row + 1)
-            right = text(row + 1, min(start + ctx, row + 1 + after))
+            left, tok = text(max(start, row - 2 * before), row)[-80:], text(row, row + 1)
+            right = text(row + 1, min(start + ctx, row + 1 + after))[:40]
             lines.append(f"L{layer:<2d} {act:6.2f}  …{left}[{tok}]{right}…")
         ax_txt.axis("off")
         ax_txt.text(0, 1, "\n".join(line.replace("$", "\\$") for line in lines),

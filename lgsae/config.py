@@ -262,7 +262,7 @@ class BrowseConfig:
     """The run folder (as written by python -m lgsae.train)."""
     out: str = ""
     """Site folder (default RUN/browser); an older site there is replaced whole."""
-    tokens: int = 16_384
+    tokens: int = 8192
     """Held-out tokens to encode (the run's eval contexts, then text after its training stream)."""
     top: int = 20
     """Top-activating examples kept per latent."""
