@@ -36,12 +36,13 @@ percent of latents are dead in a healthy run.
 Limits, never silent: the fused kernel holds KP ≤ MAX_FUSED_K (256) keys per row in registers,
 and KA as many, or up to MAX_FUSED_AUX_16BIT (512) with 16-bit inputs: compiled for sm_80/sm_90
 (D % 16, key32, 8 warps), that AuxK sweep takes 255/212 registers with no spills and 135 KB of
-shared memory (A100: 164 KB, H100/H200: 227 KB; sm_86/89 lack it and fall back, warned); in fp32
+shared memory (A100: 163 KB, H100/H200: 227 KB; sm_86/89 lack it and fall back, warned); in fp32
 the same tiles need 275 KB of shared memory, more than any of them has, and 16 warps halve the
 registers per thread but spill (16-176 bytes of stack); so the paper's k_aux = 384 runs fused in
-bf16 (the CUDA default) and on the unfused path in fp32. Larger k runs the reference (cuBLAS GEMM + torch.topk) in row chunks, so its N×M buffer
-is bounded to about FALLBACK_ELEMENTS; a larger min(k_aux, #dead) keeps the fused top-k and runs
-the AuxK selection that way on the dead latents' rows of W_enc only. fp64 inputs (gradient checks)
+bf16 (the CUDA default) and on the unfused path in fp32. Larger k runs the reference (cuBLAS
+GEMM + torch.topk) in row chunks, so its N×M buffer is bounded to about FALLBACK_ELEMENTS; a
+larger min(k_aux, #dead) keeps the fused top-k and runs the AuxK selection that way on the dead
+latents' rows of W_enc only. fp64 inputs (gradient checks)
 run the reference: an fp64 value does not fit the packed key. A NaN pre-activation (positive NaN,
 as GPU arithmetic makes it) ranks above every number, as in torch.topk, and is stored as NaN.
 

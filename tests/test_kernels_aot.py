@@ -176,7 +176,8 @@ def test_every_kernel_config_compiles_without_spills(capsys):
     # the 16-bit AuxK sweep at width 512 (the paper's k_aux = 384) must fit one block's shared
     # memory on A100 (163 KB opt-in) and H100/H200 (227 KB); fp32 at 512 would need 275 KB
     wide = [r for r in rows if r["config"].startswith("KP=512")]
-    assert len(wide) == 16 and all(" gather " in r["config"] for r in wide), wide
+    # fp16/bf16 x key32/key64 x sm_80/sm_90 (every WIDTHS entry is a multiple of 16)
+    assert len(wide) == 8 and all(" gather " in r["config"] for r in wide), wide
     limit = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
     assert all(r["smem_dyn"] + r["smem_static"] <= limit[r["arch"]] for r in wide), wide
 
