@@ -363,7 +363,7 @@ def example_latents(pieces: dict, min_fires: int = 20) -> list[tuple[str, int]]:
         [(len(s["layers"]), n) for n, (s, _) in pieces.items() if len(s["layers"]) > 1]
     if not multi:
         return []
-    name = max(multi, key=lambda t: (t[0], [-ord(c) for c in t[1]]))[1]
+    name = min(multi, key=lambda t: (-t[0], t[1]))[1]  # widest, then first by name
     s = pieces[name][0]
     ok = [j for j in range(s["M"]) if s["count"][j] >= min_fires]
     if len(ok) < 3:

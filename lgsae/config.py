@@ -27,7 +27,7 @@ EQUAL_COMPUTE = "equal-compute"
 
 def eval_at_tokens(text: str, tokens: int) -> list[int | str]:
     """--eval-at as a list of token counts and/or EQUAL_COMPUTE (resolved once the groups are
-    known: lgsae.plan.equal_compute_tokens)."""
+    known: lgsae.plan.milestones)."""
     out: list[int | str] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if part == EQUAL_COMPUTE:

@@ -30,7 +30,7 @@ from lgsae import dist as distributed
 from lgsae.buffer import ShuffleBuffer
 from lgsae.capture import DTYPES, block_paths, check_layers, special_ids
 from lgsae.checkpoint import Checkpoints
-from lgsae.config import COSMETIC, PipelineConfig, eval_at_tokens
+from lgsae.config import COSMETIC, EQUAL_COMPUTE, PipelineConfig, eval_at_tokens
 from lgsae.data import count_contexts
 from lgsae.groups import compute_groups, parse_layers, plot_groups
 from lgsae.io import write_json
@@ -192,7 +192,8 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
         ckpt.load(trainer)
     buffer = ShuffleBuffer(source, layout, tc.batch, tc.seed, steps=trainer.total_steps)
     at = milestones(eval_at_tokens(tc.eval_at, tc.tokens), specs, tc.tokens, tc.batch, d_model,
-                    tc.k)
+                    tc.k)  # {step: tokens}
+    equal = milestones([EQUAL_COMPUTE], specs, tc.tokens, tc.batch, d_model, tc.k) if at else {}
 
     def snapshot(tr: Trainer) -> None:  # the per-layer SAEs as they are at a milestone
         if tr.step in at:
@@ -261,8 +262,6 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
         for name, m in metrics["methods"].items():
             m["tokens_train"] = int(name.split("@")[1]) if "@" in name else trainer.tokens
         if at:
-            equal = milestones(eval_at_tokens("equal-compute", tc.tokens), specs, tc.tokens,
-                               tc.batch, d_model, tc.k) if "groups" in methods else {}
             metrics["milestones"] = {
                 f"per-layer@{t}": {"tokens": t, "equal_compute": t in equal.values(),
                                    "paired": summarize_eval(tally, d_model, last=last,

@@ -134,35 +134,35 @@ class Trainer:
         k = keep[rows]
         return x[k], layer[k]
 
+    def _batch_means(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """[SAEs, D] fp64 (host): each SAE's mean over the batch rows xs[i] (scaled space), over
+        every rank's rows when data parallel."""
+        sums = torch.stack([x.double().sum(0) for x in xs]).cpu()
+        counts = torch.tensor([float(x.shape[0]) for x in xs], dtype=torch.float64)
+        if self.dp:
+            self.dist.all_reduce_many_([sums, counts])
+        return sums / counts[:, None]
+
     def _total_variances(self, inputs) -> list[torch.Tensor | None]:
         """Data parallel: each SAE's FVU denominator over the whole batch, from every rank's
         rows (two reductions: the mean, then the centred sum of squares)."""
         if not self.dp:
             return [None] * len(inputs)
         xs = [sae.loss_input(x, layer) for sae, (x, layer) in zip(self.saes, inputs)]
-        sums = torch.stack([x.double().sum(0) for x in xs]).cpu()
-        counts = torch.tensor([float(x.shape[0]) for x in xs], dtype=torch.float64)
-        self.dist.all_reduce_many_([sums, counts])
-        means = sums / counts[:, None]
+        means = self._batch_means(xs)
         tv = torch.stack([(x - m.to(x.device, x.dtype)).double().pow(2).sum().cpu()
                           for x, m in zip(xs, means)])
         self.dist.all_reduce_(tv)
         return [t.to(self.device, torch.float32) for t in tv]
 
+    @torch.no_grad()
     def _init_b_dec(self, inputs) -> None:
         """Before the first step: every SAE's b_dec at its first batch's mean in the scaled
-        space (over every rank's rows when data parallel, so all ranks start alike)."""
-        if not self.dp:
-            for sae, (x, layer) in zip(self.saes, inputs):
-                sae.init_b_dec_(x, layer)
-            return
+        space (GroupSAE.init_b_dec_; over every rank's rows when data parallel, so all ranks
+        start alike)."""
         xs = [sae.loss_input(x, layer) for sae, (x, layer) in zip(self.saes, inputs)]
-        sums = torch.stack([x.double().sum(0) for x in xs]).cpu()
-        counts = torch.tensor([float(x.shape[0]) for x in xs], dtype=torch.float64)
-        self.dist.all_reduce_many_([sums, counts])
-        with torch.no_grad():
-            for sae, s, c in zip(self.saes, sums, counts):
-                sae.b_dec.copy_((s / c).to(sae.b_dec.device, sae.b_dec.dtype))
+        for sae, m in zip(self.saes, self._batch_means(xs)):
+            sae.b_dec.copy_(m.to(sae.b_dec.device, sae.b_dec.dtype))
 
     def _sync_grads(self, sae: GroupSAE) -> None:
         self.dist.all_reduce_many_([p.grad for p in sae.parameters()])

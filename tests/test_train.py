@@ -402,6 +402,9 @@ def test_initialisation_b_dec_at_the_first_batch_mean_and_encoder_norm():
     x, layer = tr._inputs(0, batch, keep)
     want = (x.double() * torch.tensor([scales[int(v)] for v in layer],
                                       dtype=torch.float64)[:, None]).mean(0)
+    lone = GroupSAE(8, k=2, num_latents=16, layers=[0, 1, 2], scales=list(scales.values()))
+    lone.init_b_dec_(x, layer)  # the same start outside the trainer
+    assert torch.allclose(lone.b_dec.double(), want, atol=1e-6)
     tr.train_batch(batch)
     assert torch.allclose(sae.b_dec.double(), want, atol=1e-6)
     tr.train_batch({**batch, 0: batch[0] + 100})  # only the first batch sets it
