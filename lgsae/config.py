@@ -146,6 +146,10 @@ class TrainConfig:
     """Comma list of per-layer,even,smaller,single (or 'none')."""
     eval_at: str = ""
     """Also evaluate per-layer SAEs at: token counts and/or equal-compute (the groups' cost)."""
+    layer_params: str = ""
+    """Per-member-layer parameters of every group SAE: comma list of b_dec,b_enc,scale (or '')."""
+    group_variants: str = ""
+    """Ablation: the groups again as methods with other layer params, e.g. 'b_dec,b_dec+scale'."""
     from_cache: bool = False
     """Harvest the training stream to the disk cache ($LGSAE_CACHE) or reuse it, then train."""
     data_parallel: bool = False
@@ -167,6 +171,10 @@ class TrainConfig:
                 b.strip() for b in self.baselines.split(",")]:
             raise ValueError("--eval-at evaluates the per-layer SAEs part-way: add per-layer to "
                              "--baselines")
+        from lgsae.plan import layer_params_from, variant_methods
+
+        layer_params_from(self.layer_params)  # one clear error for an unknown name
+        variant_methods(self.group_variants)
         if not 0 < self.encoder_norm < float("inf"):
             raise ValueError(f"--encoder-norm must be finite and > 0, got {self.encoder_norm}")
 

@@ -40,12 +40,23 @@ SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here (SAELens >=
 
 def fold(sae: GroupSAE, layer: int) -> dict[str, torch.Tensor]:
     """{encoder.weight [M, D], encoder.bias, W_dec [M, D], b_dec} for raw activations of
-    `layer` (fp32, the scale folded in)."""
+    `layer` (fp32, the scale folded in). Per-member-layer parameters fold too: with layer l's
+    gain g, Δb_dec and Δb_enc, W_enc' = g·s·W_enc, b_enc' = b_enc + Δb_enc and
+    b_dec' = (b_dec + Δb_dec) / s give the same z and x̂."""
     s = float(sae.scale_for(layer, 1))
-    return {"encoder.weight": sae.encoder.weight.detach().float().cpu() * s,
-            "encoder.bias": sae.encoder.bias.detach().float().cpu().clone(),
-            "W_dec": sae.W_dec.detach().float().cpu() / s,
-            "b_dec": sae.b_dec.detach().float().cpu() / s}
+    pos = sae.layer_pos(layer, 1)
+
+    def get(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().cpu().clone()
+
+    gain = float(sae.layer_gain.detach()[pos]) if "scale" in sae.layer_params else 1.0
+    b_enc, b_dec = get(sae.encoder.bias), get(sae.b_dec)
+    if "b_enc" in sae.layer_params:
+        b_enc += get(sae.layer_b_enc[pos])
+    if "b_dec" in sae.layer_params:
+        b_dec += get(sae.layer_b_dec[pos])
+    return {"encoder.weight": get(sae.encoder.weight) * (s * gain), "encoder.bias": b_enc,
+            "W_dec": get(sae.W_dec) / s, "b_dec": b_dec / s}
 
 
 def _module_paths(run_flags: dict) -> tuple[str, str]:

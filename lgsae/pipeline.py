@@ -35,7 +35,15 @@ from lgsae.data import count_contexts
 from lgsae.groups import compute_groups, parse_layers, plot_groups
 from lgsae.io import write_json
 from lgsae.models import DEFAULT_MODEL, is_default, load_model, load_tokenizer
-from lgsae.plan import SAESpec, choose_partition, methods_from, milestones, plan_saes
+from lgsae.plan import (
+    SAESpec,
+    choose_partition,
+    layer_params_from,
+    methods_from,
+    milestones,
+    plan_saes,
+    variant_methods,
+)
 from lgsae.similarity import layer_distances
 from lgsae.sources import (
     CacheSource,
@@ -132,6 +140,7 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     distributed.check_same(d, "flags", c.flags())
     dc, tc = c.data, c.train
     methods = methods_from(tc.baselines)
+    methods[1:1] = variant_methods(tc.group_variants)  # right after the plain groups
     log = _wandb_logger(c, start=d.is_main) if c.run.wandb else None
     progress = c.run.progress and d.is_main
     model_name = DEFAULT_MODEL if is_default(dc.model) else dc.model
@@ -179,7 +188,8 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
     partition = choose_partition(c.groups.groups, groups)
 
     # 2. training: every SAE of every method on the same shuffled batches
-    specs = plan_saes(groups, partition, methods, d_model, tc.expansion, tc.k)
+    specs = plan_saes(groups, partition, methods, d_model, tc.expansion, tc.k,
+                      layer_params=layer_params_from(tc.layer_params))
     data_parallel = d.active and (tc.data_parallel or len(specs) < d.world)
     costs = [s.num_latents for s in specs]
     owned = None if data_parallel else distributed.balance(costs, d.world)[d.rank]
@@ -267,6 +277,13 @@ def _run(c: PipelineConfig, d: distributed.Dist) -> dict:
                                    "paired": summarize_eval(tally, d_model, last=last,
                                                             base=f"per-layer@{t}")["paired"]}
                 for t in at.values()}
+        # the ablation's other comparisons: against the equal-width smaller SAEs, and each
+        # groups+<options> variant against the plain groups
+        bases = [b for b in ("smaller", "groups") if b in metrics["methods"] and
+                 (b == "smaller" or any(m.startswith("groups+") for m in metrics["methods"]))]
+        if bases:
+            metrics["paired_vs"] = {b: summarize_eval(tally, d_model, last=last,
+                                                      base=b)["paired"] for b in bases}
         write_json(out / "metrics.json", metrics)
         if c.run.browse:  # the latent browser and its three example latents (report.md)
             from lgsae.browse import build

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lgsae.groups import even_partition, parse_layers
+from lgsae.sae import LAYER_PARAMS
 
 METHODS = ("groups", "per-layer", "even", "smaller", "single")
+GROUPED = ("groups", "even", "single")  # methods whose SAEs serve several layers
 
 
 @dataclass
@@ -17,6 +19,7 @@ class SAESpec:
     method: str
     layers: list[int]
     num_latents: int
+    layer_params: list[str] = field(default_factory=list)  # GroupSAE's per-member-layer options
 
 
 def _name(method: str, group: list[int]) -> str:
@@ -26,10 +29,12 @@ def _name(method: str, group: list[int]) -> str:
 
 
 def plan_saes(groups: dict, partition: list[list[int]], methods: list[str], d: int,
-              expansion: int, k: int) -> list[SAESpec]:
+              expansion: int, k: int, layer_params: list[str] | None = None) -> list[SAESpec]:
     """The SAEs of every method. `groups` is the groups.json dict; `partition` the chosen groups
     of the grouped layers; the separate layers (the last one by default) get their own SAE in
-    every grouped method."""
+    every grouped method. `layer_params`: the per-member-layer options of every multi-layer SAE
+    of groups, even and single; a method "groups+<p>+<q>" (variant_methods) is the groups again
+    with the options p, q instead."""
     M = expansion * d
     separate = [[v] for v in groups["separate_layers"]]
     every = [[v] for v in groups["layers"]]
@@ -46,9 +51,36 @@ def plan_saes(groups: dict, partition: list[list[int]], methods: list[str], d: i
     small = max(k, round(M * G / len(groups["grouped_layers"])))
     specs = []
     for method in methods:
-        width = small if method == "smaller" else M
-        specs += [SAESpec(_name(method, g), method, list(g), width) for g in partitions[method]]
+        base, _, options = method.partition("+")
+        width = small if base == "smaller" else M
+        params = options.split("+") if options else \
+            list(layer_params or []) if base in GROUPED else []
+        specs += [SAESpec(_name(method, g), method, list(g), width,
+                          params if len(g) > 1 else []) for g in partitions[base]]
     return specs
+
+
+def layer_params_from(text: str, flag: str = "--layer-params") -> list[str]:
+    """'b_dec,scale' -> ['b_dec', 'scale'] (LAYER_PARAMS order); '' or 'none' -> []."""
+    names = [] if text.strip() in ("", "none") else [t.strip() for t in text.split(",")]
+    bad = [n for n in names if n not in LAYER_PARAMS]
+    if bad:
+        raise ValueError(f"{flag}: unknown {bad}; choose from {', '.join(LAYER_PARAMS)}")
+    return [p for p in LAYER_PARAMS if p in names]
+
+
+def variant_methods(text: str) -> list[str]:
+    """--group-variants 'b_dec,b_enc,b_dec+b_enc+scale' -> ['groups+b_dec', 'groups+b_enc',
+    'groups+b_dec+b_enc+scale']: each entry a '+'-joined set of per-member-layer options."""
+    out = []
+    for entry in ([] if text.strip() in ("", "none") else text.split(",")):
+        params = layer_params_from(entry.replace("+", ","), "--group-variants")
+        if not params:
+            raise ValueError(f"--group-variants: empty entry in {text!r}")
+        name = "groups+" + "+".join(params)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def sae_flops_per_token(spec: SAESpec, d: int, k: int) -> int:

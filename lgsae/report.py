@@ -106,6 +106,13 @@ def write_report(out: Path, metrics: dict, groups: dict) -> Path:
                    f"tokens ({name}{why})", "",
                    *_paired_table({k: v for k, v in ms["paired"].items()
                                    if "@" not in k and k != "per-layer"}, name)]
+    for base, table in metrics.get("paired_vs", {}).items():
+        keep = {k: v for k, v in table.items() if "@" not in k and (
+            base != "groups" or k.startswith("groups+"))}
+        what = "smaller per-layer SAEs (equal width in all)" if base == "smaller" else \
+            "the plain group SAEs (per-member-layer options)"
+        paired += ["", f"### Paired differences against {what}", "",
+                   *_paired_table(keep, base)]
     paper = ["| method | FVU (1 − EV) | ΔCE % | source |", "|---|---|---|---|"] + [
         f"| {k} | {fvu:.3f} | {ce:.2f} | {src} |" for k, fvu, ce, src in PAPER_PYTHIA]
     trained = [s["layers"] for s in methods["groups"]["saes"].values()] \

@@ -5,8 +5,22 @@ Each served layer has an input scale (the factor that brings its activations to 
 the way out, so callers always pass and receive raw activations. Latent activations, FVU and AuxK
 live in the scaled space, where every layer of a group looks alike.
 
+Per-member-layer parameters (`layer_params`, issue 19; a group SAE only, a one-layer SAE has none):
+- "b_dec": an offset Δb_dec[l] added to b_dec for member layer l, in the input centring and in the
+  output (started at each layer's own batch mean by `init_b_dec_`);
+- "b_enc": an offset Δb_enc[l] added to the encoder bias before the top-k. It is computed as a
+  learned layer embedding: the encoder input gets a one-hot of the layer appended and W_enc the
+  columns Δb_encᵀ, so the fused encode kernels serve it unchanged;
+- "scale": a learned factor g_l (starting at 1) on the encoder input, so the encoder sees
+  g_l·s_l·x: a learned input scale started at the fixed one. The losses stay in the fixed-scale
+  space (a scale learned on both sides would let the loss shrink the hardest layer's share).
+With all three, z = TopK(ReLU(g_l·W_enc (s_l·x − b_dec − Δb_dec[l]) + b_enc + Δb_enc[l])) and
+x̂ = (W_decᵀ z + b_dec + Δb_dec[l]) / s_l; per layer this is again a plain TopK SAE
+(lgsae.export.fold).
+
 On disk a GroupSAE is sparsify's layout (`cfg.json` + `sae.safetensors` holding `encoder.weight`,
-`encoder.bias`, `W_dec`, `b_dec`), with the group fields as extra cfg keys that sparsify ignores.
+`encoder.bias`, `W_dec`, `b_dec`), with the group fields as extra cfg keys that sparsify ignores
+(and, with layer_params, the tensors `layer_b_dec` [L, D], `layer_b_enc` [L, M], `layer_gain` [L]).
 """
 
 from __future__ import annotations
@@ -37,6 +51,8 @@ _SPARSIFY_DEFAULTS = {
     "transcode": False,
 }
 _TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+LAYER_PARAMS = ("b_dec", "b_enc", "scale")  # per-member-layer options (module docstring)
+_LAYER_TENSORS = {"b_dec": "layer_b_dec", "b_enc": "layer_b_enc", "scale": "layer_gain"}
 FIRING_FILE = "firing.safetensors"  # training firing counts per (layer, latent), if recorded
 
 
@@ -54,6 +70,8 @@ class GroupSAE(nn.Module):
     d_in: model width D. k: latents active per token. num_latents: M (0: expansion_factor·D).
     layers: the 0-based block indices this SAE serves. scales: per-layer input factor s (default 1).
     model, hookpoints: provenance, saved with the weights. k_aux: AuxK latents (default D // 2).
+    layer_params: per-member-layer parameters, a subset of LAYER_PARAMS (module docstring);
+    ignored for a one-layer SAE.
     """
 
     def __init__(
@@ -73,6 +91,7 @@ class GroupSAE(nn.Module):
         seed: int | None = None,
         compute_dtype: torch.dtype | None = None,
         encoder_norm: float = 1.0,
+        layer_params: Sequence[str] = (),
     ):
         super().__init__()
         M = num_latents or expansion_factor * d_in
@@ -97,6 +116,9 @@ class GroupSAE(nn.Module):
                f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
         _check(isinstance(encoder_norm, numbers.Real) and 0 < encoder_norm < float("inf"),
                f"encoder_norm must be finite and > 0, got {encoder_norm!r}")
+        layer_params = [layer_params] if isinstance(layer_params, str) else list(layer_params)
+        _check(all(p in LAYER_PARAMS for p in layer_params),
+               f"layer_params must be a subset of {LAYER_PARAMS}, got {layer_params}")
         self._compute_dtype = compute_dtype
         self.d_in, self.num_latents, self.k = d_in, M, k
         self.expansion_factor = M // d_in if M % d_in == 0 else M / d_in  # the true width
@@ -117,6 +139,15 @@ class GroupSAE(nn.Module):
         self.W_dec = nn.Parameter(W.to(**fk))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **fk))
         # Not in the state dict (sparsify's loader is strict about tensor names): cfg.json has them.
+        # per-member-layer offsets, all starting where the shared parameters are (a no-op)
+        L = len(layers)
+        self.layer_params = tuple(p for p in LAYER_PARAMS if p in layer_params) if L > 1 else ()
+        if "b_dec" in self.layer_params:
+            self.layer_b_dec = nn.Parameter(torch.zeros(L, d_in, **fk))
+        if "b_enc" in self.layer_params:
+            self.layer_b_enc = nn.Parameter(torch.zeros(L, M, **fk))
+        if "scale" in self.layer_params:
+            self.layer_gain = nn.Parameter(torch.ones(L, **fk))
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=device),
                              persistent=False)
         lut = torch.full((max(layers) + 1,), -1, dtype=torch.int64)
@@ -127,11 +158,18 @@ class GroupSAE(nn.Module):
     # ------------------------------------------------------------------ scales
     def scale_for(self, layer: int | Tensor | None, n: int) -> Tensor:
         """The input factor for `layer`: [1, 1] for one layer, [n, 1] for per-token layers."""
+        pos = self.layer_pos(layer, n)
+        return self.scales[pos].view(1, 1) if isinstance(pos, int) else \
+            self.scales[pos].unsqueeze(1)
+
+    def layer_pos(self, layer: int | Tensor | None, n: int) -> int | Tensor:
+        """Where `layer` is in self.layers: an int for one layer, an int64 [n] tensor on the
+        SAE's device for per-token layers. Raises for a layer this SAE does not serve."""
         if layer is None:
             _check(len(self.layers) == 1,
                    f"this SAE serves layers {self.layers}: pass layer= "
                    "(an int or a per-token tensor)")
-            return self.scales[:1].view(1, 1)
+            return 0
         if isinstance(layer, (list, tuple)):
             layer = torch.as_tensor(layer)
         if isinstance(layer, Tensor):
@@ -153,11 +191,52 @@ class GroupSAE(nn.Module):
             if bool(bad.any()):
                 raise ValueError(f"layer {int(layer[bad][0])} is not served by this SAE "
                                  f"(layers {self.layers})")
-            return self.scales[pos.to(self.scales.device, non_blocking=True)].unsqueeze(1)
+            return pos.to(self.scales.device, non_blocking=True)
         layer = int(layer)
         _check(layer in self.layers,
                f"layer {layer} is not served by this SAE (layers {self.layers})")
-        return self.scales[self.layers.index(layer)].view(1, 1)
+        return self.layers.index(layer)
+
+    def _scale_at(self, pos: int | Tensor) -> Tensor:
+        return self.scales[pos].view(1, 1) if isinstance(pos, int) else \
+            self.scales[pos].unsqueeze(1)
+
+    def _layer_rows(self, name: str, pos: int | Tensor) -> Tensor:
+        """Rows `pos` of a per-member-layer parameter, in the compute dtype: [1, ·] or [n, ·]."""
+        t = getattr(self, name)[pos]
+        return (t.unsqueeze(0) if isinstance(pos, int) else t).to(self.compute_dtype)
+
+    def _out_bias(self, b_dec: Tensor, pos: int | Tensor) -> Tensor:
+        """What the decoder adds to W_decᵀ z: b_dec (+ Δb_dec of each row's layer)."""
+        return b_dec + self._layer_rows("layer_b_dec", pos) if "b_dec" in self.layer_params \
+            else b_dec
+
+    def _encoder_args(self, xs: Tensor, pos: int | Tensor, W_enc: Tensor, b_enc: Tensor,
+                      b_dec: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x, W_enc, b_enc, b_dec) for ops.topk_encode, which computes W_enc (x − b_dec) + b_enc.
+        Plain: the SAE's own. With layer_params the centring and the gain are applied here and
+        Δb_enc rides in the GEMM as a layer embedding (a one-hot appended to x, Δb_encᵀ to W_enc,
+        padded to a multiple of 16 columns), so the kernels run unchanged."""
+        lp = self.layer_params
+        if not lp:
+            return xs, W_enc, b_enc, b_dec
+        x = xs - self._layer_rows("layer_b_dec", pos) if "b_dec" in lp else xs
+        if "scale" in lp:  # g·(x − b_dec): the centring moves out of the kernel
+            x = (x - b_dec) * self._layer_rows("layer_gain", pos).reshape(-1, 1)
+            b_dec = torch.zeros_like(b_dec)
+        if "b_enc" in lp:
+            L, D = len(self.layers), self.d_in
+            pad = -(D + L) % 16
+            onehot = torch.zeros(x.shape[0], L + pad, dtype=x.dtype, device=x.device)
+            if isinstance(pos, int):
+                onehot[:, pos] = 1
+            else:
+                onehot.scatter_(1, pos.view(-1, 1), 1)
+            x = torch.cat([x, onehot], 1)
+            emb = self.layer_b_enc.to(W_enc.dtype).t()  # [M, L]
+            W_enc = torch.cat([W_enc, emb, W_enc.new_zeros(W_enc.shape[0], pad)], 1)
+            b_dec = torch.cat([b_dec, b_dec.new_zeros(L + pad)])
+        return x, W_enc, b_enc, b_dec
 
     def _flat(self, x: Tensor) -> Tensor:
         _check(x.shape[-1] == self.d_in,
@@ -177,7 +256,8 @@ class GroupSAE(nn.Module):
             _check(dead_mask.dtype == torch.bool and dead_mask.shape == (self.num_latents,),
                    f"dead_mask must be a bool tensor of shape [{self.num_latents}] (one flag per "
                    f"latent), got {dead_mask.dtype} {tuple(dead_mask.shape)}")
-        s = self.scale_for(layer, xf.shape[0])
+        pos = self.layer_pos(layer, xf.shape[0])
+        s = self._scale_at(pos)
         xs = (xf * s).to(self.compute_dtype)
         acc = torch.promote_types(self.compute_dtype, torch.float32)  # losses in fp32 (or fp64)
         xs32 = xs.to(acc)
@@ -185,9 +265,10 @@ class GroupSAE(nn.Module):
             else total_variance.to(acc)
         W_enc, b_enc, W_dec, b_dec = self._weights()
         top_acts, top_idx, aux_acts, aux_idx = ops.topk_encode(
-            xs, W_enc, b_enc, b_dec, self.k, dead_mask, self.k_aux if dead_mask is not None else 0,
+            *self._encoder_args(xs, pos, W_enc, b_enc, b_dec), self.k, dead_mask,
+            self.k_aux if dead_mask is not None else 0,
         )
-        recon_s = ops.sparse_decode(top_idx, top_acts, W_dec) + b_dec
+        recon_s = ops.sparse_decode(top_idx, top_acts, W_dec) + self._out_bias(b_dec, pos)
         resid = xs32 - recon_s.to(acc)  # what the chosen latents failed to explain
         fvu = resid.pow(2).sum() / total_var
         if aux_idx.shape[1] > 0:
@@ -216,9 +297,11 @@ class GroupSAE(nn.Module):
         """x: [..., D] raw activations -> (top_acts [..., K], top_indices [..., K])."""
         lead = x.shape[:-1]
         xf = self._flat(x)
-        xs = (xf * self.scale_for(layer, xf.shape[0])).to(self.compute_dtype)
+        pos = self.layer_pos(layer, xf.shape[0])
+        xs = (xf * self._scale_at(pos)).to(self.compute_dtype)
         W_enc, b_enc, _, b_dec = self._weights()
-        acts, idx, _, _ = ops.topk_encode(xs, W_enc, b_enc, b_dec, self.k)
+        acts, idx, _, _ = ops.topk_encode(*self._encoder_args(xs, pos, W_enc, b_enc, b_dec),
+                                          self.k)
         return acts.view(*lead, self.k), idx.view(*lead, self.k)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor,
@@ -231,9 +314,10 @@ class GroupSAE(nn.Module):
         lead, K = top_acts.shape[:-1], top_acts.shape[-1]
         acts = top_acts.reshape(-1, K).to(self.compute_dtype)
         idx = top_indices.reshape(-1, K)
-        s = self.scale_for(layer, acts.shape[0])
+        pos = self.layer_pos(layer, acts.shape[0])
         _, _, W_dec, b_dec = self._weights()
-        recon = (ops.sparse_decode(idx, acts, W_dec) + b_dec) / s
+        recon = (ops.sparse_decode(idx, acts, W_dec) + self._out_bias(b_dec, pos)) / \
+            self._scale_at(pos)
         return recon.to(self.compute_dtype).view(*lead, self.d_in)
 
     def encode_dense(self, x: Tensor, layer: int | Tensor | None = None) -> Tensor:
@@ -255,7 +339,32 @@ class GroupSAE(nn.Module):
         sparsify's trainer does; the paper starts b_dec at zero)."""
         xs = self.loss_input(x, layer)
         _check(xs.shape[0] >= 1, "init_b_dec_ needs at least one row")
-        self.b_dec.copy_(xs.double().mean(0).to(self.b_dec.dtype))
+        self.init_b_dec_from_sums_(*self.layer_sums(xs, self.layer_pos(layer, xs.shape[0])))
+
+    def layer_sums(self, xs: Tensor, pos: int | Tensor) -> tuple[Tensor, Tensor]:
+        """(Σ rows [L, D], row counts [L]) of scaled rows xs [n, D] by member layer, fp64."""
+        L = len(self.layers)
+        sums = xs.new_zeros(L, self.d_in, dtype=torch.float64)
+        counts = sums.new_zeros(L)
+        if isinstance(pos, int):
+            sums[pos] = xs.double().sum(0)
+            counts[pos] = xs.shape[0]
+        else:
+            sums.index_add_(0, pos.to(xs.device), xs.double())
+            counts.index_add_(0, pos.to(xs.device), counts.new_ones(len(pos)))
+        return sums, counts
+
+    @torch.no_grad()
+    def init_b_dec_from_sums_(self, sums: Tensor, counts: Tensor) -> None:
+        """b_dec at the mean of all rows; with the per-layer b_dec, Δb_dec[l] at layer l's mean
+        minus that (0 for a layer with no rows). sums [L, D], counts [L] as from layer_sums."""
+        _check(float(counts.sum()) >= 1, "init_b_dec_ needs at least one row")
+        mean = sums.sum(0) / counts.sum()
+        self.b_dec.copy_(mean.to(self.b_dec.device, self.b_dec.dtype))
+        if "b_dec" in self.layer_params:
+            own = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], mean)
+            self.layer_b_dec.copy_((own - mean).to(self.layer_b_dec.device,
+                                                   self.layer_b_dec.dtype))
 
     @torch.no_grad()
     def renorm_decoder_(self) -> None:
@@ -313,6 +422,7 @@ class GroupSAE(nn.Module):
             "k_aux": self.k_aux,
             "dtype": str(self.dtype).removeprefix("torch."),
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "layer_params": list(self.layer_params),
             "format": "lgsae.GroupSAE/1",
         }
 
@@ -357,9 +467,14 @@ class GroupSAE(nn.Module):
             hookpoints=cfg.get("hookpoints"), k_aux=cfg.get("k_aux"),
             dtype=dtype or W_dec.dtype, device=device,
             compute_dtype=_dtype(cfg.get("compute_dtype")) if cfg.get("compute_dtype") !=
-            cfg.get("dtype") else None,
+            cfg.get("dtype") else None, layer_params=cfg.get("layer_params", ()),
         )
-        sae.load_state_dict({n: tensors[n] for n in _TENSORS})
+        names = [*_TENSORS, *(_LAYER_TENSORS[p] for p in sae.layer_params)]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"{st_file} lacks tensors {missing} that cfg.json's layer_params "
+                             f"{list(sae.layer_params)} need (found {sorted(tensors)})")
+        sae.load_state_dict({n: tensors[n] for n in names})
         return sae
 
 

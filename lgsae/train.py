@@ -26,6 +26,13 @@ PRESETS = {
     "paper-table": ("--tokens", "1024000", "--batch", "1024", "--k", "32", "--expansion", "8",
                     "--baselines", "per-layer,even,smaller,single", "--eval-at", "equal-compute",
                     "--eval-tokens", "8192", "--model-dtype", "bfloat16", "--lr-scale", "4"),
+    # The group-design ablation (README, "Per-member-layer parameters"): paper-table's budget and
+    # settings; the plain group SAEs, each per-member-layer option alone and all three together
+    # (lgsae.sae), against per-layer, even and smaller, every method on the same batches.
+    "group-design": ("--tokens", "1024000", "--batch", "1024", "--k", "32", "--expansion", "8",
+                     "--baselines", "per-layer,even,smaller",
+                     "--group-variants", "b_dec,b_enc,scale,b_dec+b_enc+scale",
+                     "--eval-tokens", "8192", "--model-dtype", "bfloat16", "--lr-scale", "4"),
 }
 
 

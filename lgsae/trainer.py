@@ -71,7 +71,7 @@ class Trainer:
                      scales=[scales[v] for v in s.layers], model=model_name,
                      hookpoints=[f"{hook_prefix}.{v}" for v in s.layers], device=device,
                      seed=cfg.seed * 1009 + g, compute_dtype=compute,
-                     encoder_norm=cfg.encoder_norm)
+                     encoder_norm=cfg.encoder_norm, layer_params=s.layer_params)
             for g, s in zip(self.index, self.specs)
         ]
         self.opts = [make_optimizer(sae, cfg.lr if cfg.lr is not None else
@@ -158,11 +158,17 @@ class Trainer:
     @torch.no_grad()
     def _init_b_dec(self, inputs) -> None:
         """Before the first step: every SAE's b_dec at its first batch's mean in the scaled
-        space (GroupSAE.init_b_dec_; over every rank's rows when data parallel, so all ranks
-        start alike)."""
-        xs = [sae.loss_input(x, layer) for sae, (x, layer) in zip(self.saes, inputs)]
-        for sae, m in zip(self.saes, self._batch_means(xs)):
-            sae.b_dec.copy_(m.to(sae.b_dec.device, sae.b_dec.dtype))
+        space, and a per-member-layer Δb_dec at each layer's own mean minus that
+        (GroupSAE.init_b_dec_; over every rank's rows when data parallel, so all ranks start
+        alike)."""
+        parts = [sae.layer_sums(sae.loss_input(x, layer), sae.layer_pos(layer, x.shape[0]))
+                 for sae, (x, layer) in zip(self.saes, inputs)]
+        sums = [s.cpu() for s, _ in parts]
+        counts = [c.cpu() for _, c in parts]
+        if self.dp:
+            self.dist.all_reduce_many_(sums + counts)
+        for sae, s, c in zip(self.saes, sums, counts):
+            sae.init_b_dec_from_sums_(s, c)
 
     def _sync_grads(self, sae: GroupSAE) -> None:
         self.dist.all_reduce_many_([p.grad for p in sae.parameters()])

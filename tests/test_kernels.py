@@ -373,6 +373,45 @@ def test_topk_encode_wide_auxk_is_fused_for_16_bit_inputs(monkeypatch, small_enc
 
 
 @interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_topk_encode_serves_a_group_sae_with_per_layer_parameters(dtype, small_encode_tiles):
+    """GroupSAE's per-member-layer options reach the kernel as a plain call: centred, gained
+    rows with a one-hot layer embedding appended (D + L padded to a multiple of 16) and the
+    encoder with Δb_encᵀ columns; the kernel matches the reference on exactly those arguments,
+    forward and backward."""
+    from lgsae import GroupSAE
+
+    sae = GroupSAE(48, k=4, num_latents=37, layers=[1, 4, 6], scales=[0.7, 1.0, 1.9], seed=0,
+                   layer_params=["b_dec", "b_enc", "scale"])
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    layer = torch.tensor([1, 4, 6])[torch.randint(3, (9,))]
+    pos = sae.layer_pos(layer, 9)
+    xs = torch.randn(9, 48) * sae.scale_for(layer, 9)
+    W_enc, b_enc, _, b_dec = sae._weights()
+    x, W, be, bd = (t.detach().to(dtype).contiguous()
+                    for t in sae._encoder_args(xs, pos, W_enc, b_enc, b_dec))
+    assert x.shape == (9, 64) and W.shape == (37, 64) and bd.shape == (64,)
+    assert torch.equal(x[:, 48:51].argmax(1), pos) and not bool(x[:, 51:].any())
+    dead = make_dead(37, "some")
+    out = ENCODE.topk_encode(x, W, be, bd, 4, dead, 6)
+    ref64 = reference.topk_encode(x.double(), W.double(), be.double(), bd.double(), 4, dead, 6)
+    ref = reference.topk_encode(x, W, be, bd, 4, dead, 6)
+    for field in ("top_acts", "aux_acts"):
+        check_vs_reference(field, getattr(out, field).sort(1).values,
+                           getattr(ref, field).sort(1).values,
+                           getattr(ref64, field).sort(1).values)
+    idx = torch.cat([out.top_indices, out.aux_indices], 1)
+    g = torch.randn(idx.shape).to(dtype)
+    got = ENCODE.topk_encode_backward(x - bd, W, idx, g, need_x_grad=True)
+    want = reference.topk_encode_backward(x - bd, W, idx, g, True)
+    want64 = reference.topk_encode_backward((x - bd).double(), W.double(), idx, g.double(), True)
+    for name, a, b, c in zip(("dxc", "dW_enc", "db_enc"), got, want, want64):
+        check_vs_reference(name, a, b, c)
+
+
+@interpreter
 def test_topk_encode_rejects_bad_inputs():
     x, W, b, bd = torch.randn(2, 48), torch.randn(37, 48), torch.zeros(37), torch.zeros(48)
     with pytest.raises(ValueError, match=r"k must be in \[1, 37\]"):

@@ -379,6 +379,9 @@ def test_preset_expands_to_its_flags_and_given_flags_win():
     assert c.train.baselines == "per-layer,even,smaller,single"
     assert c.train.eval_at == "equal-compute" and c.data.model_dtype == "bfloat16"
     assert expand_preset(["--preset=paper-table"]) == list(PRESETS["paper-table"])
+    ablation = parse(PipelineConfig, expand_preset(["--preset", "group-design"]), "t").train
+    assert ablation.group_variants == "b_dec,b_enc,scale,b_dec+b_enc+scale"
+    assert ablation.tokens == 1_024_000 and ablation.lr_scale == 4
     with pytest.raises(ValueError, match="choose one of paper-table"):
         expand_preset(["--preset", "nope"])
 
@@ -414,3 +417,61 @@ def test_initialisation_b_dec_at_the_first_batch_mean_and_encoder_norm():
     assert torch.allclose(zero.saes[0].encoder.weight, zero.saes[0].W_dec)
     zero.train_batch(batch)
     assert zero.saes[0].b_dec.abs().max() <= 1.01e-6  # one Adam step (of size lr) from zero
+
+
+def test_per_layer_b_dec_starts_at_each_member_layers_mean():
+    """With the per-member-layer b_dec, the trainer's start puts b_dec at the batch mean and
+    b_dec + Δb_dec[l] at layer l's own mean (scaled space, kept rows only)."""
+    spec = SAESpec("groups+b_dec/L00-L02", "groups+b_dec", [0, 1, 2], 16, ["b_dec"])
+    scales = {0: 1.0, 1: 0.5, 2: 2.0}
+    tr = Trainer([spec], TrainConfig(k=2, batch=64, lr=1e-12), "x", d_model=8, scales=scales,
+                 total_tokens=640)
+    sae = tr.saes[0]
+    assert sae.layer_params == ("b_dec",)
+    g = torch.Generator().manual_seed(4)
+    batch = {v: torch.randn(64, 8, generator=g) + 7 * v for v in (0, 1, 2)}
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[::3] = False
+    batch["keep"] = keep
+    x, layer = tr._inputs(0, batch, keep)
+    xs = x.double() * torch.tensor([scales[int(v)] for v in layer], dtype=torch.float64)[:, None]
+    tr.train_batch(batch)
+    assert torch.allclose(sae.b_dec.double(), xs.mean(0), atol=1e-6)
+    for j, v in enumerate(spec.layers):
+        assert torch.allclose((sae.b_dec + sae.layer_b_dec[j]).double(), xs[layer == v].mean(0),
+                              atol=1e-6), v
+
+
+def test_group_variants_train_beside_the_plain_groups_and_compare_paired(tiny, tmp_path,
+                                                                         monkeypatch):
+    """--group-variants adds the groups again with per-member-layer options as methods of their
+    own; --layer-params gives every multi-layer SAE of groups/even its options; metrics.json gets
+    paired differences against smaller and (for the variants) against the plain groups; the
+    export folds the options in."""
+    from lgsae.export import export
+
+    monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
+    run = tmp_path / "run"
+    m = main(flags(tiny, run, "--groups", "0-2;3", "--baselines", "per-layer,even,smaller",
+                   "--group-variants", "b_dec+scale,b_enc", "--layer-params", "b_enc"))
+    assert list(m["methods"]) == ["groups", "groups+b_dec+scale", "groups+b_enc", "per-layer",
+                                  "even", "smaller"]
+    cfg = json.loads((run / "saes" / "groups+b_dec+scale" / "L00-L02" / "cfg.json").read_text())
+    assert cfg["layer_params"] == ["b_dec", "scale"]
+    assert json.loads((run / "saes" / "groups" / "L00-L02" / "cfg.json").read_text())[
+        "layer_params"] == ["b_enc"]  # --layer-params reaches the plain groups
+    assert json.loads((run / "saes" / "groups" / "L04" / "cfg.json").read_text())[
+        "layer_params"] == []  # and never a one-layer SAE
+    vs = m["paired_vs"]
+    assert set(vs) == {"smaller", "groups"}
+    d = vs["groups"]["groups+b_dec+scale"]["fvu"]
+    assert d["diff"] == pytest.approx(m["methods"]["groups+b_dec+scale"]["fvu"]
+                                      - m["methods"]["groups"]["fvu"], abs=1e-9)
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    assert vs["smaller"]["groups"]["fvu"]["diff"] == pytest.approx(
+        m["methods"]["groups"]["fvu"] - m["methods"]["smaller"]["fvu"], abs=1e-9)
+    report = (run / "report.md").read_text()
+    assert "against the plain group SAEs" in report and "| groups+b_enc |" in report
+    # the served SAE and its export reconstruct alike
+    folders = export(run, "sparsify", tmp_path / "exp", methods=["groups+b_dec+scale"])
+    assert len(folders) == 5
