@@ -119,6 +119,12 @@ def write_report(out: Path, metrics: dict, groups: dict) -> Path:
         if "groups" in methods else []
     groups_line = " ".join(f"[{g[0]}..{g[-1]}]" if len(g) > 1 else f"[{g[0]}]" for g in trained)
     plot = _plot_per_layer(out, metrics)
+    variants = [m for m in methods if m.startswith("groups+")]
+    extra_plot = ""
+    if variants:  # the ablation: the variants against the plain groups, per-layer and smaller
+        chosen = [m for m in ("groups", *variants, "per-layer", "smaller") if m in methods]
+        p = _plot_per_layer(out, metrics, chosen, "per_layer_variants.png")
+        extra_plot = f"\n![the group variants per layer, against per-layer and smaller]({p.name})\n"
     forward_s = next(iter(methods.values()))["forward_seconds"]
     ev = metrics["eval"]
     text = f"""# lgsae run: {metrics['model']}
@@ -155,7 +161,7 @@ SAE's training work. Evaluation: {ev['seconds']:.0f} s.
 ## Per layer
 
 ![per-layer FVU and loss recovered]({plot.name})
-{_spread_section(out, metrics)}{_outlier_section(metrics)}{_browser_section(metrics)}
+{extra_plot}{_spread_section(out, metrics)}{_outlier_section(metrics)}{_browser_section(metrics)}
 ## Layer groups
 
 ![layer distances](distances.png)
@@ -268,7 +274,8 @@ def _outlier_section(metrics: dict) -> str:
 """
 
 
-def _plot_per_layer(out: Path, metrics: dict) -> Path:
+def _plot_per_layer(out: Path, metrics: dict, methods: list[str] | None = None,
+                    name: str = "per_layer.png") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,20 +284,21 @@ def _plot_per_layer(out: Path, metrics: dict) -> Path:
     keys = (("fvu", "FVU (held out)"), ("loss_recovered", "loss recovered, zero-abl."),
             ("delta_ce_pct", "ΔCE % (held out)"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for name, m in metrics["methods"].items():
+    for method in methods or list(metrics["methods"]):
+        m = metrics["methods"][method]
         layers = sorted(int(v) for v in m["per_layer"])
         for ax, (key, _) in zip(axes, keys):
             y = [m["per_layer"][str(v)][key] for v in layers]
             se = [m["per_layer"][str(v)].get(f"{key}_se", 0.0) for v in layers]
             ax.errorbar(layers, y, yerr=[0 if not math.isfinite(e) else e for e in se],
-                        marker="o", ms=3, capsize=2, label=name)
+                        marker="o", ms=3, capsize=2, label=method)
     for ax, (_, label) in zip(axes, keys):
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    path = save_with(out / "per_layer.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    path = save_with(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 

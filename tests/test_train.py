@@ -472,6 +472,7 @@ def test_group_variants_train_beside_the_plain_groups_and_compare_paired(tiny, t
         m["methods"]["groups"]["fvu"] - m["methods"]["smaller"]["fvu"], abs=1e-9)
     report = (run / "report.md").read_text()
     assert "against the plain group SAEs" in report and "| groups+b_enc |" in report
+    assert (run / "per_layer_variants.png").is_file() and "per_layer_variants.png" in report
     # the served SAE and its export reconstruct alike
     folders = export(run, "sparsify", tmp_path / "exp", methods=["groups+b_dec+scale"])
     assert len(folders) == 5
