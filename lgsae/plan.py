@@ -84,8 +84,11 @@ def variant_methods(text: str) -> list[str]:
 
 
 def sae_flops_per_token(spec: SAESpec, d: int, k: int) -> int:
-    """Training work of one SAE per token: encoder GEMM + sparse decode and backward."""
-    return 2 * d * spec.num_latents + 8 * k * d
+    """Training work of one SAE per token: encoder GEMM + sparse decode and backward (the
+    per-layer b_enc widens the GEMM by the layer one-hot, padded to 16: lgsae.sae)."""
+    width = d + (-(d + len(spec.layers)) % 16 + len(spec.layers)
+                 if "b_enc" in spec.layer_params else 0)
+    return 2 * width * spec.num_latents + 8 * k * d
 
 
 def milestones(eval_at: list, specs: list[SAESpec], tokens: int, batch: int, d: int,

@@ -381,7 +381,7 @@ def test_preset_expands_to_its_flags_and_given_flags_win():
     assert expand_preset(["--preset=paper-table"]) == list(PRESETS["paper-table"])
     ablation = parse(PipelineConfig, expand_preset(["--preset", "group-design"]), "t").train
     assert ablation.group_variants == "b_dec,b_enc,scale,b_dec+b_enc+scale"
-    assert ablation.tokens == 1_024_000 and ablation.lr_scale == 4
+    assert ablation.tokens == 1_024_000 and ablation.lr_scale == 4 and ablation.dtype == "bfloat16"
     with pytest.raises(ValueError, match="choose one of paper-table"):
         expand_preset(["--preset", "nope"])
 
