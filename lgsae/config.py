@@ -173,8 +173,10 @@ class TrainConfig:
                              "--baselines")
         from lgsae.plan import layer_params_from, variant_methods
 
-        layer_params_from(self.layer_params)  # one clear error for an unknown name
-        variant_methods(self.group_variants)
+        # one clear error for an unknown name
+        if layer_params_from(self.layer_params) and variant_methods(self.group_variants):
+            raise ValueError("--group-variants compares variants against the plain groups: "
+                             "leave --layer-params empty (or add its options to each variant)")
         if not 0 < self.encoder_norm < float("inf"):
             raise ValueError(f"--encoder-norm must be finite and > 0, got {self.encoder_norm}")
 

@@ -49,7 +49,7 @@ def fold(sae: GroupSAE, layer: int) -> dict[str, torch.Tensor]:
     def get(t: torch.Tensor) -> torch.Tensor:
         return t.detach().float().cpu().clone()
 
-    gain = float(sae.layer_gain.detach()[pos]) if "scale" in sae.layer_params else 1.0
+    gain = float(sae.layer_log_gain.detach()[pos].exp()) if "scale" in sae.layer_params else 1.0
     b_enc, b_dec = get(sae.encoder.bias), get(sae.b_dec)
     if "b_enc" in sae.layer_params:
         b_enc += get(sae.layer_b_enc[pos])

@@ -85,10 +85,12 @@ def variant_methods(text: str) -> list[str]:
 
 def sae_flops_per_token(spec: SAESpec, d: int, k: int) -> int:
     """Training work of one SAE per token: encoder GEMM + sparse decode and backward (the
-    per-layer b_enc widens the GEMM by the layer one-hot, padded to 16: lgsae.sae)."""
-    width = d + (-(d + len(spec.layers)) % 16 + len(spec.layers)
-                 if "b_enc" in spec.layer_params else 0)
-    return 2 * width * spec.num_latents + 8 * k * d
+    per-layer b_enc widens the GEMM by the layer one-hot, padded to 16; the per-layer b_dec and
+    scale add the encoder's input gradient: lgsae.sae)."""
+    lp = spec.layer_params
+    width = d + (-(d + len(spec.layers)) % 16 + len(spec.layers) if "b_enc" in lp else 0)
+    return 2 * width * spec.num_latents + 8 * k * d + \
+        (2 * k * d if "b_dec" in lp or "scale" in lp else 0)
 
 
 def milestones(eval_at: list, specs: list[SAESpec], tokens: int, batch: int, d: int,

@@ -11,7 +11,8 @@ Per-member-layer parameters (`layer_params`, issue 19; a group SAE only, a one-l
 - "b_enc": an offset Δb_enc[l] added to the encoder bias before the top-k. It is computed as a
   learned layer embedding: the encoder input gets a one-hot of the layer appended and W_enc the
   columns Δb_encᵀ, so the fused encode kernels serve it unchanged;
-- "scale": a learned factor g_l (starting at 1) on the encoder input, so the encoder sees
+- "scale": a learned factor g_l = exp(layer_log_gain[l]) (starting at 1, always > 0, applied in
+  the parameters' precision) on the encoder input, so the encoder sees
   g_l·s_l·x: a learned input scale started at the fixed one. The losses stay in the fixed-scale
   space (a scale learned on both sides would let the loss shrink the hardest layer's share).
 With all three, z = TopK(ReLU(g_l·W_enc (s_l·x − b_dec − Δb_dec[l]) + b_enc + Δb_enc[l])) and
@@ -20,7 +21,8 @@ x̂ = (W_decᵀ z + b_dec + Δb_dec[l]) / s_l; per layer this is again a plain T
 
 On disk a GroupSAE is sparsify's layout (`cfg.json` + `sae.safetensors` holding `encoder.weight`,
 `encoder.bias`, `W_dec`, `b_dec`), with the group fields as extra cfg keys that sparsify ignores
-(and, with layer_params, the tensors `layer_b_dec` [L, D], `layer_b_enc` [L, M], `layer_gain` [L]).
+(with layer_params the folder also holds `layer_b_dec` [L, D], `layer_b_enc` [L, M] and
+`layer_log_gain` [L], and only lgsae loads it; lgsae.export folds them into plain per-layer SAEs).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ _SPARSIFY_DEFAULTS = {
 }
 _TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 LAYER_PARAMS = ("b_dec", "b_enc", "scale")  # per-member-layer options (module docstring)
-_LAYER_TENSORS = {"b_dec": "layer_b_dec", "b_enc": "layer_b_enc", "scale": "layer_gain"}
+_LAYER_TENSORS = {"b_dec": "layer_b_dec", "b_enc": "layer_b_enc", "scale": "layer_log_gain"}
 FIRING_FILE = "firing.safetensors"  # training firing counts per (layer, latent), if recorded
 
 
@@ -147,7 +149,7 @@ class GroupSAE(nn.Module):
         if "b_enc" in self.layer_params:
             self.layer_b_enc = nn.Parameter(torch.zeros(L, M, **fk))
         if "scale" in self.layer_params:
-            self.layer_gain = nn.Parameter(torch.ones(L, **fk))
+            self.layer_log_gain = nn.Parameter(torch.zeros(L, **fk))
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=device),
                              persistent=False)
         lut = torch.full((max(layers) + 1,), -1, dtype=torch.int64)
@@ -221,8 +223,10 @@ class GroupSAE(nn.Module):
         if not lp:
             return xs, W_enc, b_enc, b_dec
         x = xs - self._layer_rows("layer_b_dec", pos) if "b_dec" in lp else xs
-        if "scale" in lp:  # g·(x − b_dec): the centring moves out of the kernel
-            x = (x - b_dec) * self._layer_rows("layer_gain", pos).reshape(-1, 1)
+        if "scale" in lp:  # g·(x − b_dec): the centring moves out of the kernel; the gain in
+            # the parameters' precision (a bf16 gain would move in steps of ~0.4 %)
+            gain = self.layer_log_gain[pos].exp().reshape(-1, 1)
+            x = ((x - b_dec) * gain).to(self.compute_dtype)
             b_dec = torch.zeros_like(b_dec)
         if "b_enc" in lp:
             L, D = len(self.layers), self.d_in

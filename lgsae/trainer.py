@@ -62,6 +62,14 @@ class Trainer:
                 raise ValueError(f"{spec.name}: k={cfg.k} must be in [1, {spec.num_latents}] "
                                  "(its number of latents); lower k or raise expansion")
         self.specs = [specs[i] for i in self.index]
+        # each SAE's seed key (initialisation and layer draws): its index in `specs`, except that
+        # a variant ("groups+b_dec") takes that of the plain SAE over the same layers, so the
+        # two start alike and see the same rows: an ablation differs only in the option
+        first = {}
+        for j, sp in enumerate(specs):
+            first.setdefault((sp.method, tuple(sp.layers)), j)
+        self.seed_keys = [first.get((specs[i].method.split("+")[0], tuple(specs[i].layers)), i)
+                          for i in self.index]
         self.cfg, self.device, self.d_model = cfg, torch.device(device), d_model
         # bf16: matmuls in bf16, parameters and Adam in fp32 (pure-bf16 parameters drift: at 49k
         # tokens the default run's group FVU was 3.6 % worse than fp32, bench/bench_e2e.py)
@@ -72,7 +80,7 @@ class Trainer:
                      hookpoints=[f"{hook_prefix}.{v}" for v in s.layers], device=device,
                      seed=cfg.seed * 1009 + g, compute_dtype=compute,
                      encoder_norm=cfg.encoder_norm, layer_params=s.layer_params)
-            for g, s in zip(self.index, self.specs)
+            for g, s in zip(self.seed_keys, self.specs)
         ]
         self.opts = [make_optimizer(sae, cfg.lr if cfg.lr is not None else
                                     cfg.lr_scale * paper_lr(sae.num_latents))
@@ -125,7 +133,7 @@ class Trainer:
             x, layer = batch[layers[0]][rows], torch.full((len(range(n)[rows]),), layers[0])
         else:
             g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + self.step * 131
-                                              + self.index[i])
+                                              + self.seed_keys[i])
             pick = torch.randint(len(layers), (n,), generator=g)[rows]
             stacked = torch.stack([batch[v][rows] for v in layers])  # [members, rows, D]
             x, layer = stacked[pick, torch.arange(pick.shape[0])], torch.tensor(layers)[pick]

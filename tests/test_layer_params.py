@@ -33,7 +33,7 @@ def dense(sae: GroupSAE, x, layer, dead, k_aux):
     s = sae.scales.double()[pos][:, None]  # the factors as the SAE holds them (fp32)
     bd = P["b_dec"] + (P["layer_b_dec"][pos] if "b_dec" in sae.layer_params else 0)
     be = P["encoder.bias"] + (P["layer_b_enc"][pos] if "b_enc" in sae.layer_params else 0)
-    g = P["layer_gain"][pos][:, None] if "scale" in sae.layer_params else 1.0
+    g = P["layer_log_gain"][pos].exp()[:, None] if "scale" in sae.layer_params else 1.0
     xs = x * s
     pre = torch.relu(g * (xs - bd) @ P["encoder.weight"].t() + be)
     vals, idx = pre.topk(K, 1)
@@ -53,7 +53,7 @@ def dense(sae: GroupSAE, x, layer, dead, k_aux):
 def test_forward_and_every_gradient_match_the_dense_formula(params):
     sae = make(params)
     assert sorted(n for n, _ in sae.named_parameters() if n.startswith("layer_")) == sorted(
-        {"b_dec": "layer_b_dec", "b_enc": "layer_b_enc", "scale": "layer_gain"}[p] for p in params)
+        {"b_dec": "layer_b_dec", "b_enc": "layer_b_enc", "scale": "layer_log_gain"}[p] for p in params)
     N = 40
     x = 3 * torch.randn(N, D, dtype=torch.float64)
     layer = torch.tensor(LAYERS)[torch.randint(3, (N,))]
@@ -116,9 +116,9 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype):
     # a folder whose cfg asks for a tensor it lacks is one clear error
     from safetensors.torch import load_file, save_file
     t = load_file(tmp_path / "s" / "sae.safetensors")
-    del t["layer_gain"]
+    del t["layer_log_gain"]
     save_file(t, tmp_path / "s" / "sae.safetensors")
-    with pytest.raises(ValueError, match="layer_gain"):
+    with pytest.raises(ValueError, match="layer_log_gain"):
         GroupSAE.load(tmp_path / "s")
 
 
@@ -155,7 +155,30 @@ def test_start_is_the_plain_sae_and_b_dec_starts_at_each_layers_mean():
                      name=f"b_dec + Δb_dec[{v}]")
     # only layers present in the batch move: one with no rows keeps Δ = 0
     opt.init_b_dec_(x[layer != 3], layer[layer != 3])
-    assert float(opt.layer_b_dec[LAYERS.index(3)].abs().max()) == 0.0
+    assert float(opt.layer_b_dec.detach()[LAYERS.index(3)].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("params", OPTIONS, ids="+".join)
+def test_mixed_precision_equals_a_bf16_sae_and_keeps_fp32_master_weights(params):
+    """bf16 compute over fp32 parameters (the trainer's bf16 option): the forward is that of a
+    bf16 SAE holding the rounded weights, up to the gain, which is applied in fp32 (one bf16
+    rounding of the gained input); every gradient lands in fp32."""
+    mixed = make(params, dtype=torch.float32)
+    mixed._compute_dtype = torch.bfloat16
+    pure = GroupSAE(D, k=K, num_latents=M, layers=LAYERS, scales=SCALES, dtype=torch.bfloat16,
+                    layer_params=params)
+    pure.load_state_dict({n: t.bfloat16() for n, t in mixed.state_dict().items()})
+    x, layer = torch.randn(50, D), torch.tensor(LAYERS)[torch.randint(3, (50,))]
+    dead = torch.rand(M) < 0.3
+    a, b = mixed(x, layer=layer, dead_mask=dead), pure(x, layer=layer, dead_mask=dead)
+    if "scale" not in params:
+        assert torch.equal(a.recon, b.recon) and torch.equal(a.top_indices, b.top_indices)
+    else:
+        assert_close(a.recon, b.recon, atol=0.1, rtol=0.05, name="recon")
+    (a.fvu + a.auxk_loss + a.recon.sum() * 1e-3).backward()
+    for name, p in mixed.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32, name
+        assert float(p.grad.abs().max()) > 0, name
 
 
 def test_flags_parse_and_plan_the_variants():
@@ -166,6 +189,9 @@ def test_flags_parse_and_plan_the_variants():
     assert variant_methods("b_dec,scale+b_dec,b_dec") == ["groups+b_dec", "groups+b_dec+scale"]
     with pytest.raises(ValueError, match="--group-variants"):
         variant_methods("b_enc,bias")
+    from lgsae.config import TrainConfig
+    with pytest.raises(ValueError, match="leave --layer-params empty"):
+        TrainConfig(layer_params="b_dec", group_variants="b_enc")
     with pytest.raises(ValueError, match="layer_params must be a subset"):
         GroupSAE(D, layers=[1, 2], layer_params=["bias"])
     groups = {"layers": [0, 1, 2, 3, 4], "grouped_layers": [0, 1, 2, 3], "separate_layers": [4],

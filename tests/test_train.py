@@ -419,6 +419,24 @@ def test_initialisation_b_dec_at_the_first_batch_mean_and_encoder_norm():
     assert zero.saes[0].b_dec.abs().max() <= 1.01e-6  # one Adam step (of size lr) from zero
 
 
+def test_a_variant_starts_and_draws_like_the_plain_group_sae():
+    """groups+scale over the same layers as groups: same initial weights, same layer draws at
+    every step, so an ablation measures the option and not a seed."""
+    specs = [SAESpec("groups/L00-L02", "groups", [0, 1, 2], 16),
+             SAESpec("per-layer/L00", "per-layer", [0], 16),
+             SAESpec("groups+scale/L00-L02", "groups+scale", [0, 1, 2], 16, ["scale"])]
+    tr = Trainer(specs, TrainConfig(k=2, batch=64), "x", d_model=8,
+                 scales={0: 1.0, 1: 0.5, 2: 2.0}, total_tokens=640)
+    plain, variant = tr.saes[0], tr.saes[2]
+    assert torch.equal(plain.W_dec, variant.W_dec) and tr.seed_keys == [0, 1, 0]
+    batch = {v: torch.randn(64, 8) for v in (0, 1, 2)}
+    for step in range(3):
+        tr.step = step
+        (xa, la), (xb, lb) = tr._inputs(0, batch, None), tr._inputs(2, batch, None)
+        assert torch.equal(la, lb) and torch.equal(xa, xb)
+    assert not torch.equal(tr._inputs(1, batch, None)[0], tr._inputs(0, batch, None)[0])
+
+
 def test_per_layer_b_dec_starts_at_each_member_layers_mean():
     """With the per-member-layer b_dec, the trainer's start puts b_dec at the batch mean and
     b_dec + Δb_dec[l] at layer l's own mean (scaled space, kept rows only)."""
@@ -445,23 +463,22 @@ def test_per_layer_b_dec_starts_at_each_member_layers_mean():
 def test_group_variants_train_beside_the_plain_groups_and_compare_paired(tiny, tmp_path,
                                                                          monkeypatch):
     """--group-variants adds the groups again with per-member-layer options as methods of their
-    own; --layer-params gives every multi-layer SAE of groups/even its options; metrics.json gets
-    paired differences against smaller and (for the variants) against the plain groups; the
-    export folds the options in."""
+    own; metrics.json gets paired differences against smaller and (for the variants) against the
+    plain groups; the export folds the options in."""
     from lgsae.export import export
 
     monkeypatch.setenv("LGSAE_CACHE", str(tiny["cache"]))
     run = tmp_path / "run"
     m = main(flags(tiny, run, "--groups", "0-2;3", "--baselines", "per-layer,even,smaller",
-                   "--group-variants", "b_dec+scale,b_enc", "--layer-params", "b_enc"))
+                   "--group-variants", "b_dec+scale,b_enc"))
     assert list(m["methods"]) == ["groups", "groups+b_dec+scale", "groups+b_enc", "per-layer",
                                   "even", "smaller"]
     cfg = json.loads((run / "saes" / "groups+b_dec+scale" / "L00-L02" / "cfg.json").read_text())
     assert cfg["layer_params"] == ["b_dec", "scale"]
     assert json.loads((run / "saes" / "groups" / "L00-L02" / "cfg.json").read_text())[
-        "layer_params"] == ["b_enc"]  # --layer-params reaches the plain groups
-    assert json.loads((run / "saes" / "groups" / "L04" / "cfg.json").read_text())[
-        "layer_params"] == []  # and never a one-layer SAE
+        "layer_params"] == []  # the plain groups stay plain
+    assert json.loads((run / "saes" / "groups+b_enc" / "L04" / "cfg.json").read_text())[
+        "layer_params"] == []  # and a one-layer SAE never has options
     vs = m["paired_vs"]
     assert set(vs) == {"smaller", "groups"}
     d = vs["groups"]["groups+b_dec+scale"]["fvu"]
@@ -473,6 +490,14 @@ def test_group_variants_train_beside_the_plain_groups_and_compare_paired(tiny, t
     report = (run / "report.md").read_text()
     assert "against the plain group SAEs" in report and "| groups+b_enc |" in report
     assert (run / "per_layer_variants.png").is_file() and "per_layer_variants.png" in report
-    # the served SAE and its export reconstruct alike
+    # the served SAE and its export (a plain TopK SAE on raw activations) reconstruct alike
     folders = export(run, "sparsify", tmp_path / "exp", methods=["groups+b_dec+scale"])
     assert len(folders) == 5
+    sae = GroupSAE.load(run / "saes" / "groups+b_dec+scale" / "L00-L02")
+    assert float(sae.layer_b_dec.abs().max()) > 0 and float(sae.layer_log_gain.abs().max()) > 0
+    x = 3 * torch.randn(40, sae.d_in)
+    w = load_file(next(f for f in folders if f.name.endswith(".1")) / "sae.safetensors")
+    pre = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].t() + w["encoder.bias"])
+    vals, ids = pre.topk(sae.k, 1)
+    recon = torch.zeros_like(pre).scatter(1, ids, vals) @ w["W_dec"] + w["b_dec"]
+    assert torch.allclose(recon, sae(x, layer=1).recon, atol=1e-4, rtol=1e-4)
