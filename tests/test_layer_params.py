@@ -52,8 +52,9 @@ def dense(sae: GroupSAE, x, layer, dead, k_aux):
 @pytest.mark.parametrize("params", OPTIONS, ids="+".join)
 def test_forward_and_every_gradient_match_the_dense_formula(params):
     sae = make(params)
+    names = {"b_dec": "layer_b_dec", "b_enc": "layer_b_enc", "scale": "layer_log_gain"}
     assert sorted(n for n, _ in sae.named_parameters() if n.startswith("layer_")) == sorted(
-        {"b_dec": "layer_b_dec", "b_enc": "layer_b_enc", "scale": "layer_log_gain"}[p] for p in params)
+        names[p] for p in params)
     N = 40
     x = 3 * torch.randn(N, D, dtype=torch.float64)
     layer = torch.tensor(LAYERS)[torch.randint(3, (N,))]
