@@ -173,8 +173,9 @@ class TrainConfig:
                              "--baselines")
         from lgsae.plan import layer_params_from, variant_methods
 
-        # one clear error for an unknown name
-        if layer_params_from(self.layer_params) and variant_methods(self.group_variants):
+        # each parsed here, so that an unknown name is the flag parser's one clear error
+        own, variants = layer_params_from(self.layer_params), variant_methods(self.group_variants)
+        if own and variants:
             raise ValueError("--group-variants compares variants against the plain groups: "
                              "leave --layer-params empty (or add its options to each variant)")
         if not 0 < self.encoder_norm < float("inf"):

@@ -160,9 +160,7 @@ class GroupSAE(nn.Module):
     # ------------------------------------------------------------------ scales
     def scale_for(self, layer: int | Tensor | None, n: int) -> Tensor:
         """The input factor for `layer`: [1, 1] for one layer, [n, 1] for per-token layers."""
-        pos = self.layer_pos(layer, n)
-        return self.scales[pos].view(1, 1) if isinstance(pos, int) else \
-            self.scales[pos].unsqueeze(1)
+        return self._scale_at(self.layer_pos(layer, n))
 
     def layer_pos(self, layer: int | Tensor | None, n: int) -> int | Tensor:
         """Where `layer` is in self.layers: an int for one layer, an int64 [n] tensor on the

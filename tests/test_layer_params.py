@@ -193,6 +193,9 @@ def test_flags_parse_and_plan_the_variants():
     from lgsae.config import TrainConfig
     with pytest.raises(ValueError, match="leave --layer-params empty"):
         TrainConfig(layer_params="b_dec", group_variants="b_enc")
+    for bad in (dict(group_variants="bias"), dict(layer_params="bias")):
+        with pytest.raises(ValueError, match="unknown"):
+            TrainConfig(**bad)
     with pytest.raises(ValueError, match="layer_params must be a subset"):
         GroupSAE(D, layers=[1, 2], layer_params=["bias"])
     groups = {"layers": [0, 1, 2, 3, 4], "grouped_layers": [0, 1, 2, 3], "separate_layers": [4],
