@@ -29,8 +29,8 @@ PRESETS = {
     # The group-design ablation (README, "Per-member-layer parameters"): paper-table's budget and
     # settings; the plain group SAEs, each per-member-layer option alone and all three together
     # (lgsae.sae), against per-layer, even and smaller, every method on the same batches. Its
-    # 108 SAEs train with bf16 matmuls over fp32 master weights (about half the fp32 CPU step)
-    # and no latent browser, so that the run fits in ~2 h on 2 cores; every method alike.
+    # 108 SAEs train with bf16 matmuls over fp32 master weights and no latent browser; every
+    # method alike. (bf16 was meant to halve the CPU step; at this shape it costs what fp32 does.)
     "group-design": ("--tokens", "1024000", "--batch", "1024", "--k", "32", "--expansion", "8",
                      "--baselines", "per-layer,even,smaller",
                      "--group-variants", "b_dec,b_enc,scale,b_dec+b_enc+scale",
