@@ -167,9 +167,10 @@ def sparse_decode_backward(
     W_dec: Tensor,
     need_acts_grad: bool = True,
     need_W_grad: bool = True,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of `sparse_decode`: grad_out[N,D] -> (d_acts[N,K] in acts' dtype or None,
-    dW_dec[M,D] in W_dec's dtype or None).
+    dW_dec[M,D] in `grad_dtype` (default W_dec's) or None).
 
     d_acts[n,j] = ⟨grad_out[n], W_dec[indices[n,j]]⟩, i.e.
     `(W_dec[indices] * grad_out[:, None]).sum(-1)`;
@@ -194,14 +195,14 @@ def sparse_decode_backward(
             _decode_dacts_kernel[grid](grad_out, indices, W_dec, d_acts, K, D, ACC=acc, **cfg)
     if need_W_grad:
         if N * K == 0 or D == 0 or M == 0:
-            dW = torch.zeros_like(W_dec)
+            dW = torch.zeros_like(W_dec, dtype=grad_dtype or W_dec.dtype)
         else:
             flat = indices.reshape(-1)
             # stable: the summation order inside a latent is fixed, so runs are bit-identical
             order = torch.argsort(flat, stable=True)
             starts = torch.zeros(M + 1, dtype=torch.int64, device=W_dec.device)
             torch.cumsum(torch.bincount(flat, minlength=M), 0, out=starts[1:])
-            dW = torch.empty_like(W_dec)
+            dW = torch.empty_like(W_dec, dtype=grad_dtype or W_dec.dtype)
             grid = (M, triton.cdiv(D, cfg["BLOCK_D"]))
             _decode_dw_kernel[grid](
                 grad_out, acts, order, starts, dW, K, D, ACC=acc,

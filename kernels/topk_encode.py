@@ -374,12 +374,14 @@ def topk_encode(
 
 
 def topk_encode_backward(
-    xc: Tensor, W_enc: Tensor, indices: Tensor, grad_pre: Tensor, need_x_grad: bool = False
+    xc: Tensor, W_enc: Tensor, indices: Tensor, grad_pre: Tensor, need_x_grad: bool = False,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """Encoder gradients from the gradient at the chosen pre-activations.
 
     xc[N,D] = x − b_dec, indices[N,J] int64, grad_pre[N,J] (zero where ReLU was inactive) ->
-    (dxc[N,D] in xc's dtype or None, dW_enc[M,D], db_enc[M] in W_enc's dtype). Equals autograd of
+    (dxc[N,D] in xc's dtype or None, dW_enc[M,D], db_enc[M] in `grad_dtype`, default W_enc's:
+    the kernels store their fp32 sums straight into a wider master's dtype). Equals autograd of
     `pre = xc @ W_enc.T + b_enc` with d(pre) = zeros(N, M).scatter_add(1, indices, grad_pre):
     dW_enc = d(pre).T @ xc, db_enc = d(pre).sum(0), dxc = d(pre) @ W_enc, without forming d(pre).
     """
@@ -391,8 +393,9 @@ def topk_encode_backward(
     _decode._check(indices, grad_pre, W_enc)  # shapes, int64, device, contiguous W_enc
     indices = indices.contiguous()
     N, J = indices.shape
+    out = grad_dtype or W_enc.dtype
     if N * J == 0 or D == 0:
-        dW, db = torch.zeros_like(W_enc), W_enc.new_zeros(M)
+        dW, db = torch.zeros_like(W_enc, dtype=out), W_enc.new_zeros(M, dtype=out)
     else:
         flat = indices.reshape(-1)
         # stable: the summation order inside a latent is fixed, so runs are bit-identical
@@ -401,12 +404,12 @@ def topk_encode_backward(
         torch.cumsum(torch.bincount(flat, minlength=M), 0, out=starts[1:])
         cfg = _decode.block_config(D)
         acc = _decode._acc(W_enc.dtype)
-        dW = torch.empty_like(W_enc)
+        dW = torch.empty_like(W_enc, dtype=out)
         _decode._decode_dw_kernel[(M, triton.cdiv(D, cfg["BLOCK_D"]))](
             xc, grad_pre, order, starts, dW, J, D, ACC=acc,
             BLOCK_P=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         )
-        db = torch.empty(M, dtype=W_enc.dtype, device=W_enc.device)
+        db = torch.empty(M, dtype=out, device=W_enc.device)
         _segment_sum_kernel[(M,)](grad_pre, order, starts, db, ACC=acc, BLOCK_P=SEGMENT_BLOCK,
                                   num_warps=1)
     dxc = None

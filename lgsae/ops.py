@@ -63,10 +63,17 @@ def impl(op: str, t: Tensor):
 
 
 class TopKEncode(torch.autograd.Function):
-    """top-k encode whose backward touches only the chosen entries (top-K and AuxK's)."""
+    """top-k encode whose backward touches only the chosen entries (top-K and AuxK's).
+
+    The parameters may be master copies in a wider dtype than x (mixed precision): the product
+    runs on their casts to x's dtype, made here outside autograd, and their gradients come back
+    in their own dtype straight from the fp32 accumulation (no round trip through x's dtype, and
+    no autograd cast node that would copy the M×D gradient again)."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
+        ctx.dtypes = W_enc.dtype, b_enc.dtype, b_dec.dtype
+        W_enc, b_enc, b_dec = (t.to(x.dtype) for t in (W_enc, b_enc, b_dec))
         out = impl("topk_encode", x)(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
         ctx.mark_non_differentiable(out.top_indices, out.aux_indices)
         ctx.save_for_backward(x, W_enc, b_dec, *out)
@@ -84,15 +91,16 @@ class TopKEncode(torch.autograd.Function):
         if not grads:
             return None, None, None, None, None, None, None
         g, i = (grads[0], idx[0]) if len(grads) == 1 else (torch.cat(grads, 1), torch.cat(idx, 1))
-        dxc, dW, db = impl("topk_encode_backward", x)(x - b_dec, W_enc, i, g, need_x)
+        W_dtype, benc_dtype, bdec_dtype = ctx.dtypes
+        dxc, dW, db = impl("topk_encode_backward", x)(x - b_dec, W_enc, i, g, need_x, W_dtype)
         if need_bdec:
             # x − b_dec: d b_dec = −Σ_n dxc[n] = −db_enc·W_enc, O(M·D) work instead of O(N·K·D)
-            d_bdec = -dxc.sum(0) if dxc is not None else -(db @ W_enc)
+            d_bdec = -dxc.sum(0) if dxc is not None else -(db.to(W_enc.dtype) @ W_enc)
         return (
             dxc if need_x else None,
             dW if need_W else None,
-            db if need_benc else None,
-            d_bdec.to(b_dec.dtype) if need_bdec else None,
+            db.to(benc_dtype) if need_benc else None,
+            d_bdec.to(bdec_dtype) if need_bdec else None,
             None,
             None,
             None,
@@ -100,21 +108,24 @@ class TopKEncode(torch.autograd.Function):
 
 
 class SparseDecode(torch.autograd.Function):
-    """Σ_j acts[n,j]·W_dec[indices[n,j]] with a gather/segment-sum backward."""
+    """Σ_j acts[n,j]·W_dec[indices[n,j]] with a gather/segment-sum backward; W_dec may be a wider
+    master copy, cast to `compute_dtype` here (see TopKEncode)."""
 
     @staticmethod
-    def forward(ctx, indices, acts, W_dec):
+    def forward(ctx, indices, acts, W_dec, compute_dtype):
+        ctx.W_dtype = W_dec.dtype
+        W_dec = W_dec.to(compute_dtype or W_dec.dtype)
         ctx.save_for_backward(indices, acts, W_dec)
         return impl("sparse_decode", W_dec)(indices, acts, W_dec)
 
     @staticmethod
     def backward(ctx, grad_out):
         indices, acts, W_dec = ctx.saved_tensors
-        _, need_acts, need_W = ctx.needs_input_grad
+        _, need_acts, need_W, _ = ctx.needs_input_grad
         d_acts, dW = impl("sparse_decode_backward", W_dec)(
-            grad_out.contiguous(), indices, acts, W_dec, need_acts, need_W
+            grad_out.contiguous(), indices, acts, W_dec, need_acts, need_W, ctx.W_dtype
         )
-        return None, d_acts, dW
+        return None, d_acts, dW, None
 
 
 def topk_encode(
@@ -126,13 +137,18 @@ def topk_encode(
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
 ) -> EncodeOut:
-    """Differentiable `reference.topk_encode` (see there for shapes and semantics)."""
+    """Differentiable `reference.topk_encode` (see there for shapes and semantics). The product
+    runs in x's dtype; W_enc, b_enc and b_dec may be wider masters (mixed precision), which get
+    their gradients in their own dtype."""
     return EncodeOut(*TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux))
 
 
-def sparse_decode(indices: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
-    """Differentiable `reference.sparse_decode`: [N,K] indices and acts, [M,D] W_dec -> [N,D]."""
-    return SparseDecode.apply(indices, acts, W_dec)
+def sparse_decode(indices: Tensor, acts: Tensor, W_dec: Tensor,
+                  compute_dtype: torch.dtype | None = None) -> Tensor:
+    """Differentiable `reference.sparse_decode`: [N,K] indices and acts, [M,D] W_dec -> [N,D] in
+    `compute_dtype` (default W_dec's). With a narrower compute_dtype, W_dec is a master copy: the
+    product runs on its cast and its gradient comes back in its own dtype."""
+    return SparseDecode.apply(indices, acts, W_dec, compute_dtype)
 
 
 def project_decoder_grad_(W_dec: Tensor, grad: Tensor) -> Tensor:

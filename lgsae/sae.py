@@ -270,13 +270,14 @@ class GroupSAE(nn.Module):
             *self._encoder_args(xs, pos, W_enc, b_enc, b_dec), self.k, dead_mask,
             self.k_aux if dead_mask is not None else 0,
         )
-        recon_s = ops.sparse_decode(top_idx, top_acts, W_dec) + self._out_bias(b_dec, pos)
+        recon_s = ops.sparse_decode(top_idx, top_acts, W_dec, self.compute_dtype) + \
+            self._out_bias(b_dec, pos)
         resid = xs32 - recon_s.to(acc)  # what the chosen latents failed to explain
         fvu = resid.pow(2).sum() / total_var
         if aux_idx.shape[1] > 0:
             # AuxK (Gao et al. 2024): the top dead latents reconstruct the residual; weight shrinks
             # when fewer latents are dead than k_aux.
-            e_hat = ops.sparse_decode(aux_idx, aux_acts, W_dec).to(acc)
+            e_hat = ops.sparse_decode(aux_idx, aux_acts, W_dec, self.compute_dtype).to(acc)
             # on the device (no host read): min(#dead / k_aux, 1), in the loss dtype
             weight = (dead_mask.sum().double() / self.k_aux).clamp(max=1.0).to(
                 resid.device, acc, non_blocking=True)
@@ -318,7 +319,8 @@ class GroupSAE(nn.Module):
         idx = top_indices.reshape(-1, K)
         pos = self.layer_pos(layer, acts.shape[0])
         _, _, W_dec, b_dec = self._weights()
-        recon = (ops.sparse_decode(idx, acts, W_dec) + self._out_bias(b_dec, pos)) / \
+        recon = (ops.sparse_decode(idx, acts, W_dec, self.compute_dtype) +
+                 self._out_bias(b_dec, pos)) / \
             self._scale_at(pos)
         return recon.to(self.compute_dtype).view(*lead, self.d_in)
 
@@ -396,11 +398,14 @@ class GroupSAE(nn.Module):
         return self._compute_dtype or self.W_dec.dtype
 
     def _weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(W_enc, b_enc, W_dec, b_dec) in the compute dtype: the parameters themselves, or cast
-        copies whose gradients flow back to the parameters (mixed precision)."""
-        cd = self.compute_dtype
-        return tuple(p if p.dtype == cd else p.to(cd)
-                     for p in (self.encoder.weight, self.encoder.bias, self.W_dec, self.b_dec))
+        """(W_enc, b_enc, W_dec, b_dec) for the ops. The M-sized ones are the parameters
+        themselves: under mixed precision the ops cast them to the compute dtype and return
+        their gradients in fp32 straight from the fp32 sums (an autograd cast here would round
+        them to bf16 and copy them back, three M×D passes a step). b_dec, which the SAE adds to
+        the reconstruction itself, comes cast to the compute dtype."""
+        cd, b_dec = self.compute_dtype, self.b_dec
+        return (self.encoder.weight, self.encoder.bias, self.W_dec,
+                b_dec if b_dec.dtype == cd else b_dec.to(cd))
 
     @property
     def device(self) -> torch.device:

@@ -44,6 +44,15 @@ _MAIN = {"topk_encode": 0, "topk_encode_backward": 0, "sparse_decode": 2,
          "sparse_decode_backward": 3, "project_decoder_grad_": 0, "renorm_decoder_": 0}
 
 
+# backward launchers: position of the optional grad_dtype argument
+_GRAD_DTYPE_ARG = {"topk_encode_backward": 5, "sparse_decode_backward": 6}
+
+
+def _grad_dtype(op: str, args: tuple) -> torch.dtype | None:
+    i = _GRAD_DTYPE_ARG[op]
+    return args[i] if len(args) > i else None
+
+
 def _main(op: str, args: tuple) -> torch.Tensor:
     """The call's floating tensor whose device and dtype select the kernel (W_dec for decode)."""
     return args[_MAIN[op]]
@@ -58,6 +67,8 @@ def _class(op: str, args: tuple) -> tuple:
         extra = (args[4], bool(args[5] is not None and args[6] > 0))
     elif op in ("sparse_decode", "sparse_decode_backward", "topk_encode_backward"):
         extra = (args[1].shape[1] if op != "topk_encode_backward" else args[2].shape[1],)
+        if op in _GRAD_DTYPE_ARG:  # the gradients' dtype (a wider master's, mixed precision)
+            extra += (str(_grad_dtype(op, args)),)
     return (op, str(t.device), str(t.dtype), D, D % 16 == 0, *extra)
 
 
@@ -97,7 +108,7 @@ def _probe(op: str, args: tuple) -> tuple[tuple, Callable[[tuple, tuple], float]
         M = max(256, 2 * J)
         p = (rnd(N, D), rnd(M, D, scale=D ** -0.5, dtype=W_enc.dtype),
              torch.randint(0, M, (N, J), generator=g).to(t.device),
-             rnd(N, J, dtype=args[3].dtype), True)
+             rnd(N, J, dtype=args[3].dtype), True, _grad_dtype(op, args))
     elif op == "sparse_decode":
         W_dec, K = args[2], args[1].shape[1]
         M = max(256, 2 * K)
@@ -108,7 +119,8 @@ def _probe(op: str, args: tuple) -> tuple[tuple, Callable[[tuple, tuple], float]
         M = max(256, 2 * K)
         p = (rnd(N, W_dec.shape[1], dtype=args[0].dtype),
              torch.randint(0, M, (N, K), generator=g).to(t.device),
-             rnd(N, K, dtype=args[2].dtype), rnd(M, W_dec.shape[1], dtype=W_dec.dtype), True, True)
+             rnd(N, K, dtype=args[2].dtype), rnd(M, W_dec.shape[1], dtype=W_dec.dtype), True, True,
+             _grad_dtype(op, args))
     elif op in ("project_decoder_grad_", "renorm_decoder_"):
         D = args[0].shape[1]
         W = rnd(256, D)

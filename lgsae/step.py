@@ -92,16 +92,20 @@ def train_step(sae: GroupSAE, opt: torch.optim.Optimizer, x: Tensor, *,
     if grad_sync is not None:
         grad_sync(sae)
     sae.project_decoder_grad_()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), CLIP_NORM, foreach=True)
-    if lazy:
-        # fused Adam skips the whole update on the device when found_inf != 0 (GradScaler's hook)
-        opt.found_inf = (~torch.isfinite(loss.detach())).float()
-        opt.grad_scale = None
+    grads = [p.grad for p in sae.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if is_fused(opt):
+        # the clip rides in fused Adam's grad_scale (GradScaler's hook: Adam divides each grad by
+        # it as it reads it), saving clip_grad_norm_'s read-and-write pass over every gradient
+        opt.grad_scale = (norm + 1e-6).div(CLIP_NORM).clamp(min=1.0).float()
+        # lazy: fused Adam skips the whole update on the device when found_inf != 0
+        opt.found_inf = (~torch.isfinite(loss.detach())).float() if lazy else None
         try:
             opt.step()
         finally:
             del opt.found_inf, opt.grad_scale
     else:
+        torch.nn.utils.clip_grads_with_norm_(grads, CLIP_NORM, norm, foreach=True)
         opt.step()
     sae.renorm_decoder_()
     return ForwardOutput(out.recon.detach(), out.top_acts.detach(), out.top_indices,

@@ -109,6 +109,32 @@ def test_sparse_decode_backward_skips_unneeded_grads():
 
 
 @interpreter
+def test_backward_launchers_write_a_wider_masters_gradients_directly():
+    """Mixed precision (lgsae.ops with fp32 masters): grad_dtype=float32 makes the kernels store
+    their fp32 sums as the fp32 gradients, not rounded to the 16-bit weights' dtype. They match
+    the reference's fp32 sums, and rounded they are exactly the default call's gradients."""
+    f32 = torch.float32
+    idx, acts, W, g = decode_case(DECODE, 6, 8, 100, 48, "dups", torch.float16)
+    d_acts, dW = DECODE.sparse_decode_backward(g, idx, acts, W, True, True, f32)
+    assert (d_acts.dtype, dW.dtype) == (torch.float16, f32)
+    want = reference.sparse_decode_backward(g, idx, acts, W, True, True, f32)[1]
+    assert_close(dW, want, atol=1e-6 * float(want.abs().max()), name="dW_dec fp32")
+    assert torch.equal(dW.half(), DECODE.sparse_decode_backward(g, idx, acts, W)[1])
+    assert not torch.equal(dW, dW.half().float())  # finer than fp16: not a widened rounding
+
+    xc = torch.randn(9, 48).half()
+    W = (torch.randn(37, 48) / 48**0.5).half()
+    idx, gp = torch.randint(0, 37, (9, 6)), torch.randn(9, 6).half()
+    _, dW, db = ENCODE.topk_encode_backward(xc, W, idx, gp, False, f32)
+    assert dW.dtype == db.dtype == f32
+    _, rW, rb = reference.topk_encode_backward(xc, W, idx, gp, False, f32)
+    assert_close(dW, rW, atol=1e-6 * float(rW.abs().max()), name="dW_enc fp32")
+    assert_close(db, rb, atol=1e-6 * float(rb.abs().max()), name="db_enc fp32")
+    _, dW16, db16 = ENCODE.topk_encode_backward(xc, W, idx, gp)
+    assert torch.equal(dW.half(), dW16) and torch.equal(db.half(), db16)
+
+
+@interpreter
 def test_sparse_decode_rejects_bad_inputs():
     idx, acts, W = torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 3), torch.ones(5, 48)
     with pytest.raises(ValueError, match="int64"):

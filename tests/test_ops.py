@@ -151,6 +151,35 @@ def test_segment_reductions_match_loops():
     assert_close(reference.gather_dot(idx, rows, table), want_dot, atol=1e-12, name="gather_dot")
 
 
+def test_the_sorted_pattern_is_reused_only_for_the_same_unchanged_indices():
+    """scatter_rows keeps the last indices' latent order (the decoder's and the encoder's backward
+    share it): a changed, a new or a re-sized indices tensor must never get a stale one."""
+    N, J, Mx = 9, 4, 7
+    w, rows = torch.randn(N, J, dtype=torch.float64), torch.randn(N, D, dtype=torch.float64)
+
+    def want(idx, M):
+        out = torch.zeros(M, D, dtype=torch.float64)
+        for n in range(N):
+            for j in range(J):
+                out[idx[n, j]] += w[n, j] * rows[n]
+        return out
+
+    idx = torch.randint(0, Mx, (N, J))
+    for _ in range(2):  # the second call is served from the kept order
+        assert_close(reference.scatter_rows(idx, w, rows, Mx), want(idx, Mx), atol=1e-12)
+    idx[0] = (idx[0] + 1) % Mx  # in place: same memory, new version
+    assert_close(reference.scatter_rows(idx, w, rows, Mx), want(idx, Mx), atol=1e-12,
+                 name="after an in-place change")
+    assert_close(reference.scatter_rows(idx, w, rows, Mx + 3), want(idx, Mx + 3), atol=1e-12,
+                 name="other M")
+    other = torch.randint(0, Mx, (N, J))
+    assert_close(reference.scatter_rows(other, w, rows, Mx), want(other, Mx), atol=1e-12,
+                 name="another tensor")
+    with torch.inference_mode():  # no version counter: computed, not kept
+        inf = idx.clone()
+        assert_close(reference.scatter_rows(inf, w, rows, Mx), want(idx, Mx), atol=1e-12)
+
+
 def test_decoder_projection_and_renorm():
     W = torch.randn(M, D, dtype=torch.float64)
     W /= W.norm(dim=1, keepdim=True)

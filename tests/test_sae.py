@@ -246,8 +246,10 @@ def test_decode_shape_mismatch_is_one_clear_error():
 
 
 def test_mixed_precision_computes_in_bf16_and_trains_fp32_master_weights(tmp_path):
-    """compute_dtype=bf16 over fp32 parameters: the forward and every gradient are those of a
-    bf16 SAE holding the same (rounded) weights; the parameters and their gradients stay fp32."""
+    """compute_dtype=bf16 over fp32 parameters: the forward is that of a bf16 SAE holding the same
+    (rounded) weights. The M-sized gradients (W_enc, b_enc, W_dec) are that SAE's before its last
+    rounding: the fp32 sums themselves, with no bf16 round trip; b_dec's, which the SAE adds
+    itself in bf16, is the bf16 SAE's. Everything lands in fp32."""
     kw = dict(k=5, num_latents=70, layers=[2, 3], scales=[0.5, 2.0], seed=3)
     mixed = GroupSAE(24, compute_dtype=torch.bfloat16, **kw)
     with torch.no_grad():
@@ -258,14 +260,26 @@ def test_mixed_precision_computes_in_bf16_and_trains_fp32_master_weights(tmp_pat
     x, layer = torch.randn(33, 24), torch.randint(2, 4, (33,))
     dead = torch.zeros(70, dtype=torch.bool)
     dead[::3] = True
-    outs = [sae(x, layer=layer, dead_mask=dead) for sae in (mixed, pure)]
-    for name in ("recon", "top_acts", "top_indices", "fvu", "auxk_loss"):
-        assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
-    for sae, out in zip((mixed, pure), outs):
-        (out.fvu + out.auxk_loss / 32).backward()
-    for (name, p), q in zip(mixed.named_parameters(), pure.parameters()):
-        assert p.dtype == p.grad.dtype == torch.float32, name
-        assert torch.equal(p.grad, q.grad.float()), name
+    for dead_mask in (None, dead):  # one decode per step, then two (AuxK's adds to dW_dec)
+        for sae in (mixed, pure):
+            sae.zero_grad(set_to_none=True)
+        outs = [sae(x, layer=layer, dead_mask=dead_mask) for sae in (mixed, pure)]
+        for name in ("recon", "top_acts", "top_indices", "fvu", "auxk_loss"):
+            assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
+        for sae, out in zip((mixed, pure), outs):
+            (out.fvu + out.auxk_loss / 32).backward()
+        for (name, p), q in zip(mixed.named_parameters(), pure.parameters()):
+            assert p.dtype == p.grad.dtype == torch.float32, name
+            if name == "b_dec":
+                assert torch.equal(p.grad, q.grad.float()), name
+            elif dead_mask is None:  # one fp32 sum, which the bf16 SAE rounds
+                assert torch.equal(p.grad.bfloat16(), q.grad), name
+            else:  # fp32 sum of both decodes' fp32 sums vs bf16 sum of their roundings
+                assert_close(p.grad, q.grad.float(), atol=1e-2 * float(q.grad.abs().max()),
+                             name=name)
+        for name in ("encoder.weight", "W_dec"):  # finer than bf16: no round trip
+            g = dict(mixed.named_parameters())[name].grad
+            assert not torch.equal(g, g.bfloat16().float()), name
     assert (mixed.dtype, mixed.compute_dtype) == (torch.float32, torch.bfloat16)
     back = GroupSAE.load(mixed.save(tmp_path / "mixed"))
     assert (back.dtype, back.compute_dtype) == (torch.float32, torch.bfloat16)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CharTokenizer, tiny_model, tiny_model_dir, write_texts
+from conftest import CharTokenizer, assert_close, tiny_model, tiny_model_dir, write_texts
 from safetensors.torch import load_file
 
 from lgsae import GroupSAE
@@ -325,6 +325,32 @@ def test_lazy_finiteness_guard_skips_the_update_and_stops_the_run():
         tr.train_batch({0: flat})
     for k, v in tr.saes[0].state_dict().items():
         assert torch.allclose(v, kept[k], rtol=0, atol=1e-6 if k == "W_dec" else 0), k
+
+
+def test_the_clip_inside_fused_adam_is_clip_grad_norm_then_adam():
+    """train_step folds the grad-norm clip into fused Adam's grad_scale instead of rescaling every
+    gradient first. Over steps where the clip bites and where it does not, the weights must follow
+    the textbook step (clip_grad_norm_, then a plain for-loop Adam) to fp32 rounding."""
+    from lgsae.step import AUXK_COEF, CLIP_NORM, is_fused, make_optimizer, train_step
+
+    ours, ref = (GroupSAE(16, k=3, num_latents=48, seed=0) for _ in range(2))
+    opt = make_optimizer(ours, lr=1e-2)
+    assert is_fused(opt)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, betas=(0.9, 0.999), foreach=False)
+    gen, norms = torch.Generator().manual_seed(0), []
+    for i in range(8):
+        x = torch.randn(64, 16, generator=gen) * (0.05 if i % 2 else 1.0)  # small x: big grads
+        train_step(ours, opt, x)
+        out = ref(x)
+        ref_opt.zero_grad(set_to_none=True)
+        (out.fvu + AUXK_COEF * out.auxk_loss).backward()
+        ref.project_decoder_grad_()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP_NORM)))
+        ref_opt.step()
+        ref.renorm_decoder_()
+    assert min(norms) < CLIP_NORM < max(norms), norms  # both regimes were exercised
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert_close(p, q, atol=1e-5, name=name)
 
 
 def test_eval_at_milestones_evaluate_per_layer_saes_part_way(tiny, tmp_path, monkeypatch):
