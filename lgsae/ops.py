@@ -83,16 +83,36 @@ class TopKEncode(torch.autograd.Function):
     def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
         x, W_enc, b_dec, top_acts, top_idx, aux_acts, aux_idx = ctx.saved_tensors
         need_x, need_W, need_benc, need_bdec = ctx.needs_input_grad[:4]
+        W_dtype, benc_dtype, bdec_dtype = ctx.dtypes
+        # AuxK over every dead latent (the same indices on each row): dense over the dead set
+        dense = g_aux if g_aux is not None and reference.same_on_every_row(aux_idx) else None
         grads, idx = [], []
-        for g, acts, i in ((g_top, top_acts, top_idx), (g_aux, aux_acts, aux_idx)):
+        sparse = [(g_top, top_acts, top_idx)] + ([(g_aux, aux_acts, aux_idx)] if dense is None
+                                                 else [])
+        for g, acts, i in sparse:
             if g is not None and i.shape[1] > 0:
                 grads.append(g * (acts > 0))  # ReLU's gradient, at the chosen entries only
                 idx.append(i)
-        if not grads:
+        if not grads and dense is None:
             return None, None, None, None, None, None, None
-        g, i = (grads[0], idx[0]) if len(grads) == 1 else (torch.cat(grads, 1), torch.cat(idx, 1))
-        W_dtype, benc_dtype, bdec_dtype = ctx.dtypes
-        dxc, dW, db = impl("topk_encode_backward", x)(x - b_dec, W_enc, i, g, need_x, W_dtype)
+        xc = x - b_dec
+        if grads:
+            g, i = (grads[0], idx[0]) if len(grads) == 1 else \
+                (torch.cat(grads, 1), torch.cat(idx, 1))
+            dxc, dW, db = impl("topk_encode_backward", x)(xc, W_enc, i, g, need_x, W_dtype)
+        else:
+            dxc = torch.zeros_like(x) if need_x else None
+            dW, db = (torch.zeros_like(W_enc, dtype=W_dtype),
+                      W_enc.new_zeros(W_enc.shape[0], dtype=W_dtype))
+        if dense is not None:
+            # GEMMs over the kk dead latents in the accumulation dtype, as the sparse
+            # reductions they replace: dW_enc[dead] += gᵀ·xc, db_enc[dead] += Σ_n g
+            acc = torch.promote_types(W_dtype, torch.float32)
+            g, cols = (dense * (aux_acts > 0)).to(acc), aux_idx[0]
+            dW.index_add_(0, cols, (g.t() @ xc.to(acc)).to(dW.dtype))
+            db.index_add_(0, cols, g.sum(0).to(db.dtype))
+            if dxc is not None:
+                dxc += (g @ W_enc[cols].to(acc)).to(dxc.dtype)
         if need_bdec:
             # x − b_dec: d b_dec = −Σ_n dxc[n] = −db_enc·W_enc, O(M·D) work instead of O(N·K·D)
             d_bdec = -dxc.sum(0) if dxc is not None else -(db.to(W_enc.dtype) @ W_enc)

@@ -66,6 +66,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def same_on_every_row(indices: Tensor) -> bool:
+    """Whether indices[N, J] is one row repeated as a stride-0 view (topk_encode's AuxK indices
+    when every dead latent is chosen): products over it are dense over those J latents."""
+    return indices.dim() == 2 and indices.shape[1] > 0 and indices.stride(0) == 0
+
+
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,
@@ -95,7 +101,13 @@ def topk_encode(
         # a host mask (the trainer's) gives the indices without a device read
         dead = dead_mask.nonzero().squeeze(1).to(pre.device, non_blocking=True)
         kk = min(k_aux, dead.numel())
-        if kk > 0:
+        if kk > 0 and kk == dead.numel():
+            # k_aux covers every dead latent (the usual case: k_aux = D/2 against 1-3 % of M):
+            # no selection to make. The indices are the same on every row, returned as a
+            # stride-0 view, which lgsae.ops and GroupSAE take as "dense over the dead set" and
+            # turn into GEMMs instead of N·kk-pair gathers and scatters.
+            aux_acts, aux_idx = pre.index_select(1, dead).relu_(), dead.expand(N, kk)
+        elif kk > 0:
             # Gather only the dead columns: cheaper than masking all N×M entries when few are dead.
             vals, j = pre.index_select(1, dead).topk(kk, dim=1, sorted=False)
             aux_acts, aux_idx = vals.relu_(), dead[j]

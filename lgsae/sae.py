@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lgsae import ops
+from lgsae import ops, reference
 from lgsae.io import write_folder
 
 # sparsify's SparseCoderConfig fields, in its order; written so sparsify can load our folders.
@@ -277,7 +277,11 @@ class GroupSAE(nn.Module):
         if aux_idx.shape[1] > 0:
             # AuxK (Gao et al. 2024): the top dead latents reconstruct the residual; weight shrinks
             # when fewer latents are dead than k_aux.
-            e_hat = ops.sparse_decode(aux_idx, aux_acts, W_dec, self.compute_dtype).to(acc)
+            if reference.same_on_every_row(aux_idx):  # every dead latent on every row:
+                # one GEMM over their decoder rows instead of an N·kk-row gather
+                e_hat = (aux_acts @ W_dec[aux_idx[0]].to(self.compute_dtype)).to(acc)
+            else:
+                e_hat = ops.sparse_decode(aux_idx, aux_acts, W_dec, self.compute_dtype).to(acc)
             # on the device (no host read): min(#dead / k_aux, 1), in the loss dtype
             weight = (dead_mask.sum().double() / self.k_aux).clamp(max=1.0).to(
                 resid.device, acc, non_blocking=True)

@@ -47,14 +47,16 @@ def loss_of(recon, fvu, auxk, probe):
 
 
 @pytest.mark.parametrize("k", [1, 7, M // 2])
-@pytest.mark.parametrize("dead", ["none", "some", "all"])
+@pytest.mark.parametrize("dead", ["none", "few", "some", "all"])
 @pytest.mark.parametrize("x_grad", [False, True])
 def test_sparse_grads_equal_dense_autograd(k, dead, x_grad):
     x = make_x(13, 3).requires_grad_(x_grad)
     params = make_params()
     dead_mask = None if dead == "none" else torch.zeros(M, dtype=torch.bool)
-    if dead == "some":
-        dead_mask[torch.randperm(M)[:30]] = True  # fewer dead than k_aux: the weight < 1 branch
+    if dead == "few":  # fewer dead than k_aux: AuxK takes all of them (the dense path in ops)
+        dead_mask[torch.randperm(M)[:10]] = True  # and its weight is < 1
+    elif dead == "some":
+        dead_mask[torch.randperm(M)[:30]] = True  # more than k_aux (24): the top 24 among them
     elif dead == "all":
         dead_mask[:] = True  # dead latents that are also in the top-k: duplicates in backward
     k_aux = D // 2 if dead_mask is not None else 0

@@ -37,6 +37,34 @@ def test_forward_equals_dense_twin_in_scaled_space():
     assert sae(x, layer=4).auxk_loss == 0  # no dead mask, no AuxK
 
 
+@pytest.mark.parametrize("n_dead", [3, 60], ids=["every-dead-latent", "top-k-of-the-dead"])
+def test_auxk_forward_and_grads_equal_dense_autograd(n_dead):
+    """AuxK takes every dead latent when there are at most k_aux of them (the same indices on
+    every row, which GroupSAE and lgsae.ops run as GEMMs over the dead set) and the top k_aux
+    among them otherwise (sparse gathers and scatters). Both must be plain autograd through the
+    dense SAE: the losses and every gradient, the input's too."""
+    sae = trained_like(GroupSAE(D, k=5, num_latents=M, layers=[3], scales=[0.5],
+                                dtype=torch.float64, seed=0))
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[torch.randperm(M, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
+    assert (n_dead <= sae.k_aux) == (n_dead == 3)
+    x = (4 * torch.randn(40, D, dtype=torch.float64)).requires_grad_()
+    probe = torch.randn(40, D, dtype=torch.float64)
+    params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec, x]
+    out = sae(x, layer=3, dead_mask=dead)
+    if n_dead == 3:
+        from lgsae import ops
+        assert reference.same_on_every_row(ops.topk_encode(
+            0.5 * x.detach(), *params[:2], params[3], 5, dead, sae.k_aux).aux_indices)
+    got = torch.autograd.grad(out.fvu + out.auxk_loss / 32 + (out.recon * probe).sum(), params)
+    d = reference.dense_sae_forward(0.5 * x, *params[:4], 5, dead, sae.k_aux)
+    assert_close(out.auxk_loss, d.auxk_loss, atol=1e-12, name="auxk")
+    assert out.auxk_loss > 0
+    want = torch.autograd.grad(d.fvu + d.auxk_loss / 32 + (d.recon / 0.5 * probe).sum(), params)
+    for name, a, b in zip(("W_enc", "b_enc", "W_dec", "b_dec", "x"), got, want):
+        assert_close(a, b, atol=1e-12, rtol=1e-9, name=f"d{name}")
+
+
 def test_per_token_layers_use_each_tokens_scale():
     sae = trained_like(GroupSAE(D, k=4, num_latents=M, layers=[1, 2], scales=[0.5, 3.0]))
     x = torch.randn(10, D)
