@@ -27,6 +27,8 @@ conftest.peak_memory_mb of one extra step (`sparse` frees its reused workspace f
 counted; `gemm_topk`'s preallocated buffer is not).
 """
 
+import statistics
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -103,8 +105,8 @@ def _step_fn(provider: str, sae: GroupSAE, x: torch.Tensor, dead_frac: float = 0
     return lambda: train_step(sae, opt, x, forward=fwd, dead_mask=mask)
 
 
-def _time_step(benchmark, provider: str, dtype: torch.dtype, dead_frac: float = 0.0):
-    """Time one provider's step at the scale's shape; returns (shape, dtype name, timed fn)."""
+def _timed(provider: str, dtype: torch.dtype, dead_frac: float = 0.0):
+    """One provider's step at the scale's shape, synchronised: (shape, timed fn)."""
     N, D, M, K = SHAPES[scale()]
     torch.manual_seed(0)
     # our bf16 option (TrainConfig dtype="bfloat16") is bf16 matmuls over fp32 master weights;
@@ -119,6 +121,12 @@ def _time_step(benchmark, provider: str, dtype: torch.dtype, dead_frac: float = 
         out = run()
         sync()
         return out
+    return (N, D, M, K), timed
+
+
+def _time_step(benchmark, provider: str, dtype: torch.dtype, dead_frac: float = 0.0):
+    """Time one provider's step at the scale's shape; returns (shape, dtype name, timed fn)."""
+    (N, D, M, K), timed = _timed(provider, dtype, dead_frac)
 
     # CPU: 15 rounds after 2 warm-ups (the first allocates the workspace and Adam's state); with
     # 7, the 2-core CI VM's minute-to-minute drift moved a median by up to 10 %. The dense twin
@@ -163,3 +171,39 @@ def test_step_with_dead_latents(benchmark, record, provider, dead_frac, dtype):
         reference.free_workspace()
         benchmark.extra_info.update(N=N, D=D, M=M, K=K, dtype=name, device=device_name(),
                                     scale=scale(), dead=round(dead_frac * M))
+
+
+@pytest.mark.parametrize("dead_frac", [0.0, 0.03], ids=["none_dead", "dead3pct"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_over_floor_paired(benchmark, record, dtype, dead_frac):
+    """Our step over its floor, as pairs: each round times the floor (`gemm_topk`) and then our
+    step (`sparse`), back to back, and the note is the median of the per-round ratios with its
+    quartiles. The rows above take each provider's median over rounds a minute apart; on the
+    2-core CI VM, whose speed drifts by 10-20 % between minutes, that moves a ratio by as much.
+    Pairs taken a second apart share the drift. The timed quantity is the pair."""
+    (N, D, M, K), floor = _timed("gemm_topk", dtype, dead_frac)
+    _, step = _timed("sparse", dtype, dead_frac)
+    times: list[tuple[float, float]] = []
+
+    def pair():
+        t0 = time.perf_counter()
+        floor()
+        t1 = time.perf_counter()
+        step()
+        times.append((t1 - t0, time.perf_counter() - t1))
+
+    benchmark.pedantic(pair, warmup_rounds=2, rounds=21 if DEVICE.type == "cpu" else 30)
+    name = str(dtype).removeprefix("torch.")
+    record(benchmark, f"step/floor paired, {dead_frac:.0%} dead N={N} D={D} M={M} K={K} {name}",
+           "sparse")
+    if benchmark.stats is None:
+        return
+    reference.free_workspace()
+    kept = times[2:]  # the warm-up rounds went through pair() too
+    q = statistics.quantiles([s / f for f, s in kept], n=4)
+    benchmark.extra_info.update(
+        N=N, D=D, M=M, K=K, dtype=name, device=device_name(), scale=scale(),
+        dead=round(dead_frac * M), step_over_floor=q[1],
+        step_over_floor_quartiles=f"{q[0]:.3f}-{q[2]:.3f}",
+        floor_ms=statistics.median(f for f, _ in kept) * 1e3,
+        step_ms=statistics.median(s for _, s in kept) * 1e3)
