@@ -30,7 +30,7 @@ class EncodeOut(NamedTuple):
     top_acts: Tensor  # [N, K] post-ReLU activations of the chosen latents
     top_indices: Tensor  # [N, K] int64 latent ids
     aux_acts: Tensor  # [N, K_aux] post-ReLU activations of the top dead latents (K_aux may be 0)
-    aux_indices: Tensor  # [N, K_aux] int64
+    aux_indices: Tensor  # [N, K_aux] int64; one row as a stride-0 view when all dead are chosen
 
 
 _workspace = threading.local()
