@@ -19,6 +19,8 @@ Timed, one call each (`test_step`: no dead latents, so no AuxK pass in any provi
   No grad-norm clip (sparsify's trainer has none; ours clips at 1.0). On CUDA it runs as in its
   trainer: forward under its own bf16 autocast, TF32 matmuls.
 Providers share one group per shape and dtype; the first (`gemm_topk`) is the denominator.
+`test_step_over_floor_paired` times floor and step back to back per round (the ratio to quote on
+a drifting VM); `test_step_parts` (CPU) times each part inside our step next to the floor.
 
 extra_info: flops = the sparse step's useful work N·(2DM + 8KD) for every step provider (2NDM for
 `gemm_topk`), so flop_per_s is an effective rate; bytes = the minimum traffic, x once and 8
@@ -207,3 +209,88 @@ def test_step_over_floor_paired(benchmark, record, dtype, dead_frac):
         step_over_floor_quartiles=f"{q[0]:.3f}-{q[2]:.3f}",
         floor_ms=statistics.median(f for f, _ in kept) * 1e3,
         step_ms=statistics.median(s for _, s in kept) * 1e3)
+
+
+# Where our step's time goes, part by part (CPU: every op runs its lgsae.reference twin, so
+# wrapping those functions catches them; the GEMM + top-k is inside `encode`).
+STEP_PARTS = {
+    "encode": (reference, "topk_encode"),
+    "decode": (reference, "sparse_decode"),
+    "decode_backward": (reference, "sparse_decode_backward"),
+    "encode_backward": (reference, "topk_encode_backward"),
+    "decoder_projection": (reference, "project_decoder_grad_"),
+    "grad_norm": (torch.nn.utils, "get_total_norm"),
+    "renorm": (reference, "renorm_decoder_"),
+}
+
+
+@contextmanager
+def _part_timers(spent: dict[str, list[float]], opt: torch.optim.Optimizer):
+    """Wrap each STEP_PARTS function (and opt.step as `adam`) so that every call adds its
+    seconds to spent[part][-1]; restores them on exit."""
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name][-1] += time.perf_counter() - t0
+        return wrapper
+
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr in STEP_PARTS.values()]
+    try:
+        for name, (owner, attr) in STEP_PARTS.items():
+            setattr(owner, attr, timed(name, getattr(owner, attr)))
+        opt.step = timed("adam", opt.step)  # an instance attribute over the class's method
+        yield
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+        del opt.step
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the parts are the reference ops (CPU path)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_parts(benchmark, record, dtype):
+    """Our step (no dead latents) with each of its parts timed inside it: the encode (GEMM +
+    top-k, and ReLU on the K chosen), the sparse decode and both sparse backward products, the
+    decoder projection, the grad norm, fused Adam and the renorm; `rest` is the step minus all
+    of them (the casts of the master weights, the loss's elementwise work and autograd). Each
+    round runs the floor (`gemm_topk`) first, so the parts can be read against it. The note
+    gives each part's median over the rounds, in ms; the timed quantity is floor + step."""
+    N, D, M, K = SHAPES[scale()]
+    torch.manual_seed(0)
+    mixed = dtype != torch.float32
+    sae = GroupSAE(D, k=K, num_latents=M, dtype=torch.float32, seed=0,
+                   compute_dtype=dtype if mixed else None)
+    x = torch.randn(N, D, dtype=dtype)
+    opt = make_optimizer(sae)
+    _, floor = _timed("gemm_topk", dtype)
+    spent: dict[str, list[float]] = {name: [] for name in [*STEP_PARTS, "adam", "step"]}
+    floors: list[float] = []
+
+    def step():
+        t0 = time.perf_counter()
+        floor()
+        floors.append(time.perf_counter() - t0)
+        for v in spent.values():
+            v.append(0.0)
+        t0 = time.perf_counter()
+        train_step(sae, opt, x)
+        spent["step"][-1] = time.perf_counter() - t0
+
+    with _part_timers(spent, opt):
+        benchmark.pedantic(step, warmup_rounds=2, rounds=15)
+    name = str(dtype).removeprefix("torch.")
+    record(benchmark, f"step parts N={N} D={D} M={M} K={K} {name}", "sparse")
+    if benchmark.stats is None:
+        return
+    reference.free_workspace()
+    kept = {part: v[2:] for part, v in spent.items()}  # the warm-up rounds called step() too
+    rest = [s - sum(v[i] for part, v in kept.items() if part != "step")
+            for i, s in enumerate(kept["step"])]
+    ms = {part: statistics.median(v) * 1e3
+          for part, v in [("floor", floors[2:]), *kept.items(), ("rest", rest)]}
+    assert all(len(v) == len(rest) for v in kept.values())
+    benchmark.extra_info.update(N=N, D=D, M=M, K=K, dtype=name, device=device_name(),
+                                scale=scale(), parts_ms={p: round(t, 2) for p, t in ms.items()})

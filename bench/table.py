@@ -59,6 +59,8 @@ def _notes(info: dict) -> str:
            for k, fmt in NOTES if info.get(k) is not None]
     if info.get("ratio_a_over_b") is not None and "target_a_over_b" in info:
         out.insert(1, f"target >= {info['target_a_over_b']:.2f}x")
+    if info.get("parts_ms"):  # bench_step.py::test_step_parts: medians of each part, in ms
+        out.append("ms: " + ", ".join(f"{part} {ms:.1f}" for part, ms in info["parts_ms"].items()))
     return "; ".join(out)
 
 

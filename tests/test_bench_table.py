@@ -45,6 +45,8 @@ RESULTS = {
                ratio_c_over_b=8.0, ratio_c_over_b_incl_harvest=6.1),
         _bench("test_e2e[groups_bf16]", "e2e 30 layers", "groups_bf16", 6.0, "groups",
                fvu_rel_to_fp32=0.004),
+        _bench("test_step_parts[bf16]", "step parts bf16", "sparse", 0.300, "sparse",
+               parts_ms={"floor": 150.0, "encode": 152.25, "rest": 7.04}),
     ],
 }
 
@@ -65,6 +67,8 @@ def test_table_rows_ratios_and_header(tmp_path, capsys):
            "peak RSS 2,346 MB |" in out
     assert "(c)/(b) 8.00x; 6.10x incl." in out and "FVU +0.40% vs fp32" in out
     assert "peak 0.05 MB" in out and "FVU 0.450" in out
+    assert "| step parts bf16 | `sparse` | 300 ms | 1.00x | ms: floor 150.0, encode 152.2, " \
+           "rest 7.0 |" in out
 
 
 def test_readme_markers_replaced_atomically_and_missing_markers_fail(tmp_path):
