@@ -22,6 +22,33 @@ def _positive(name: str, value, minimum=1) -> None:
         raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+def parse_device(name) -> torch.device:
+    """torch.device(name), with one clear error for a name torch does not know."""
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name torch knows; use cpu, cuda or "
+                         "cuda:N") from None
+
+
+def check_device(name: str) -> torch.device:
+    """torch.device(name) if this machine has that device; one clear error otherwise (torch's
+    own is an AssertionError deep inside the first CUDA call)."""
+    dev = parse_device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA build" if torch.version.cuda is None else \
+                "torch sees no GPU (driver or CUDA_VISIBLE_DEVICES)"
+            raise ValueError(f"--device {name}: no CUDA device on this machine ({why}, torch "
+                             f"{torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: lgsae runs on cpu or cuda, not {dev.type}")
+    return dev
+
+
 EQUAL_COMPUTE = "equal-compute"
 
 
@@ -70,7 +97,8 @@ class DataConfig:
     fwd_batch: int = 8
     """Contexts per model forward."""
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    """Device for the model and the SAEs (default: cuda when available)."""
+    """Device for the model and the SAEs: cpu, cuda or cuda:N (unset: cuda when this machine has
+    one, else cpu)."""
     trust_remote_code: bool = False
     """Let transformers run code shipped with --model (off unless you trust it)."""
 
@@ -183,7 +211,7 @@ class TrainConfig:
 
     def for_device(self, device) -> TrainConfig:
         """This config with an unset batch and dtype filled in for `device` (DEVICE_DEFAULTS)."""
-        kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+        kind = "cuda" if parse_device(device).type == "cuda" else "cpu"
         d = DEVICE_DEFAULTS[kind]
         return replace(self, batch=self.batch or d["batch"], dtype=self.dtype or d["dtype"])
 
@@ -247,7 +275,9 @@ class GroupsConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(stat_tokens=20_480))
     groups: GroupConfig = field(default_factory=GroupConfig)
     out: str = "runs/groups"
-    """Folder for groups.json and the plots."""
+    """Folder for groups.json and the plots (never a python -m lgsae.train run's folder)."""
+    overwrite: bool = False
+    """Replace the groups.json and plots of an earlier python -m lgsae.groups in --out."""
 
 
 @dataclass

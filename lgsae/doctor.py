@@ -17,6 +17,7 @@ import time
 import torch
 
 from lgsae import __version__, ops, selfcheck
+from lgsae.config import check_device
 
 
 def _version(module: str) -> str:
@@ -86,10 +87,12 @@ def step_vs_floor(device: torch.device, seconds: float = 10.0, D: int = 576, M: 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m lgsae.doctor", description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=10.0, help="time for the step timing")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--seconds", type=float, default=10.0,
+                   help="seconds for the step timing (default: %(default)s)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when this machine has one, else cpu)")
     a = p.parse_args(argv)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name})")

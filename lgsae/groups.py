@@ -201,13 +201,22 @@ def parse_layers(text: str | None) -> list[int] | None:
 def main(argv: list[str] | None = None) -> dict:
     """`python -m lgsae.groups`: the statistics stage of `python -m lgsae.train` alone."""
     from lgsae.capture import DTYPES, check_layers, special_ids
-    from lgsae.config import GroupsConfig, parse
+    from lgsae.config import GroupsConfig, check_device, parse
     from lgsae.models import DEFAULT_MODEL, is_default, load_model, load_tokenizer
     from lgsae.similarity import layer_distances
     from lgsae.sources import Forward, InMemoryActivations, context_batches
 
     c = parse(GroupsConfig, argv, prog="python -m lgsae.groups")
     dc, gc = c.data, c.groups
+    check_device(dc.device)
+    out = Path(c.out)
+    # before the model loads: a run's report and SAEs were made from its groups.json
+    if (out / "run.json").exists():
+        raise FileExistsError(f"{out} is a python -m lgsae.train run, whose report and SAEs "
+                              "follow its groups.json; choose another --out (nothing was written)")
+    if (out / "groups.json").exists() and not c.overwrite:
+        raise FileExistsError(f"{out} already holds groups.json; choose another --out or pass "
+                              "--overwrite (nothing was written)")
     tok = load_tokenizer(dc.model, trust_remote_code=dc.trust_remote_code)
     model = load_model(dc.model, dtype=DTYPES[dc.model_dtype], device=dc.device,
                        trust_remote_code=dc.trust_remote_code)
@@ -223,7 +232,6 @@ def main(argv: list[str] | None = None) -> dict:
               **compute_groups(dist, layers, threshold=gc.threshold,
                                exclude_last=not gc.include_last, contiguous=gc.contiguous),
               "tokens": sample.n_tokens, "centre": gc.centre}
-    out = Path(c.out)
     write_json(out / "groups.json", result)
     plots = plot_groups(result, out)
     print(format_table(result))

@@ -82,9 +82,13 @@ def prepare_out(c: PipelineConfig, world: int = 1) -> Path:
                                  "torchrun if it was 1)")
             if old != flags:
                 changed = sorted(k for k in set(old) | set(flags) if old.get(k) != flags.get(k))
-                raise ValueError(f"--resume: {out} was started with other flags ({changed}); "
+                was = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r}" for k in changed)
+                raise ValueError(f"--resume: {out} was started with other flags ({was}); "
                                  "resume with the same flags or use --overwrite")
             return out
+        elif not (out / "run.json").is_file():
+            raise FileExistsError(f"{out} is not empty and is not an lgsae run (no run.json); "
+                                  "choose another --out (nothing was written)")
         else:
             raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or "
                                   "--overwrite to replace it (or choose another --out)")

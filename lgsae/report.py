@@ -152,7 +152,8 @@ on the held-out tokens; dead % train window: no firing in the last {metrics['dea
 × |g| training tokens (|g| = the SAE's number of layers, so a latent is judged on as many tokens
 of each layer as a per-layer SAE). SAE-training seconds exclude the shared model forward
 ({forward_s:.0f} s: statistics prefix and training stream, every layer at once); FLOPs count each
-SAE's training work. Evaluation: {ev['seconds']:.0f} s.
+SAE's training work; speedup vs per-layer = the per-layer SAEs' training seconds over this
+method's (wall time on this machine, not the FLOPs ratio). Evaluation: {ev['seconds']:.0f} s.
 
 ### Paired differences against per-layer SAEs (same contexts, 95 % interval)
 

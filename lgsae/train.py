@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from lgsae.config import PipelineConfig, parse
+from lgsae.config import PipelineConfig, check_device, parse
 from lgsae.dist import LaunchError
 from lgsae.step import tune_cpu_allocator
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse(PipelineConfig, argv, prog="python -m lgsae.train",
                    epilog="Presets (--preset NAME; flags given as well win): " + "; ".join(
                        f"{k}: {' '.join(v)}" for k, v in PRESETS.items()))
+    check_device(config.data.device)  # before anything is written
     tune_cpu_allocator()
     return run(config)
 

@@ -129,3 +129,22 @@ def test_cli_on_the_default_model(tmp_path, monkeypatch, capsys):
     for png in ("distances.png", "dendrogram.png", "amad.png"):
         assert (tmp_path / "out" / png).stat().st_size > 5_000
     assert "<- chosen" in capsys.readouterr().out
+
+
+def test_cli_never_writes_over_a_run_or_earlier_groups(tmp_path):
+    """lgsae.groups refuses a train run's folder (its report and SAEs follow its groups.json) and,
+    without --overwrite, an earlier groups.json, before loading any model (the model named here
+    does not exist, so reaching the load would fail differently)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "groups.json").write_text('{"chosen_G": 7}')
+    argv = ["--model", "no-such/model", "--device", "cpu", "--out"]
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(FileExistsError, match="is a python -m lgsae.train run"):
+            G.main([*argv, str(run), *extra])
+    assert (run / "groups.json").read_text() == '{"chosen_G": 7}'
+    (run / "run.json").unlink()
+    with pytest.raises(FileExistsError, match="already holds groups.json.*--overwrite"):
+        G.main([*argv, str(run)])
+    assert (run / "groups.json").read_text() == '{"chosen_G": 7}'

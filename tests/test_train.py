@@ -151,16 +151,32 @@ def test_existing_run_folder_is_never_overwritten_silently(tiny, tmp_path, monke
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="pass --resume to continue it or --overwrite"):
-        main(flags(tiny, out))
+    with pytest.raises(FileExistsError, match="is not empty and is not an lgsae run"):
+        main(flags(tiny, out))  # --resume / --overwrite would be refused: not suggested
     with pytest.raises(FileExistsError, match="is not an lgsae run folder"):
         main(flags(tiny, out, "--overwrite"))
     assert (out / "precious.txt").read_text() == "keep me"
-    with pytest.raises(ValueError, match=r"other flags \(\['k'\]\)|other flags"):
-        (out / "run.json").write_text(json.dumps({"k": 99}))
+    (out / "run.json").write_text(json.dumps({"k": 99}))
+    with pytest.raises(FileExistsError, match="pass --resume to continue it or --overwrite"):
+        main(flags(tiny, out))
+    with pytest.raises(ValueError, match=r"other flags \(.*--k 99[,)]"):  # names what it was
         main(flags(tiny, out, "--resume"))
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         main(flags(tiny, tmp_path / "fresh", "--resume"))
+
+
+def test_device_this_machine_lacks_is_one_clear_error(tmp_path):
+    """--device cuda without a GPU, or a name torch does not know: one ValueError before
+    anything is written (torch's own is an AssertionError from deep inside the first CUDA call)."""
+    from lgsae.config import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a device name torch knows"):
+        check_device("cpux")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device on this machine.*--device cpu"):
+            main(["--device", "cuda", "--out", str(tmp_path / "run")])
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("extra, exc, match", [
